@@ -1,0 +1,179 @@
+"""`anom <subcommand> [hydra overrides]`: composes conf/<subcommand>.yaml and calls tasks/<subcommand>.run.
+
+Exit codes: 0 done; 1 the task failed (the message says why); 2 bad usage (unknown
+subcommand, key, option or value); 3 `infer` could score none of its inputs.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import logging
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOTHING_SCORED = 0, 1, 2, 3
+log = logging.getLogger("anomcli")
+
+
+def config_dir() -> Path:
+    """conf/ of a source checkout, else the copy shipped inside the wheel (anomcli/conf)."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package.parent / "conf", package / "conf"):
+        if (candidate / "train.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(f"no conf/ folder next to {package}")
+
+
+def usage() -> str:
+    from .tasks import TASKS
+
+    width = max(map(len, TASKS))
+    lines = ["usage: anom <subcommand> [key=value ...] [hydra flags: --multirun, --cfg job, --help, ...]",
+             "", "subcommands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in TASKS.items()]
+    lines += ["", "`anom <subcommand> --help` shows its config groups and options.",
+              "exit codes: 0 done, 1 failed, 2 bad usage, 3 infer scored nothing"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .tasks import TASKS
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return EXIT_OK if argv else EXIT_USAGE
+    if argv[0] in ("-V", "--version"):
+        from . import __version__
+        print(f"anomcli {__version__}")
+        return EXIT_OK
+    task, rest = argv[0], argv[1:]
+    if task not in TASKS:
+        print(f"anom: unknown subcommand {task!r}\n\n{usage()}", file=sys.stderr)
+        return EXIT_USAGE
+    problem = check_overrides(task, rest)
+    if problem:
+        print(f"anom {task}: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    return run_hydra(task, rest)
+
+
+def run_hydra(task: str, args: list[str]) -> int:
+    import hydra
+
+    from .config import register_schemas
+
+    register_schemas()
+    exit_code = EXIT_OK
+
+    def task_function(cfg) -> None:
+        nonlocal exit_code
+        exit_code = max(exit_code, run_task(task, cfg))
+
+    saved_argv = sys.argv
+    sys.argv = [f"anom {task}", *args]
+    try:
+        hydra.main(config_path=str(config_dir()), config_name=task, version_base="1.3")(task_function)()
+    finally:
+        sys.argv = saved_argv
+    return exit_code
+
+
+def run_task(task: str, cfg) -> int:
+    """Run one job; expected failures become a one-line message and an exit code, not a traceback."""
+    from .data.datamodule import DatasetLayoutError
+    from .data.image_io import ImageReadError
+    from .engine.checkpoint import CheckpointError
+    from .model.encoder import EncoderWeightsError
+    from .tasks.common import UsageError
+    from .tasks.infer import NothingScoredError
+
+    module = importlib.import_module(f"anomcli.tasks.{task}")
+    try:
+        module.run(cfg)
+    except NothingScoredError as error:
+        log.error("%s", error)
+        return EXIT_NOTHING_SCORED
+    except UsageError as error:
+        log.error("%s", error)
+        return EXIT_USAGE
+    except (CheckpointError, DatasetLayoutError, EncoderWeightsError, ImageReadError,
+            FileNotFoundError, FileExistsError) as error:
+        log.error("%s", error)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def check_overrides(task: str, args: list[str]) -> str | None:
+    """Compose once before any work, so a typo fails at once and names what is valid."""
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from .config import register_schemas
+
+    register_schemas()
+    try:
+        parsed = get_args_parser().parse_args(args)
+    except SystemExit:
+        return "could not parse the command line (see `anom --help`)"
+    if parsed.help or parsed.hydra_help or parsed.info or parsed.shell_completion:
+        return None
+    overrides = []
+    try:
+        for override in OverridesParser.create().parse_overrides(parsed.overrides):
+            if override.key_or_group.startswith("hydra"):
+                continue
+            value = next(iter(override.sweep_string_iterator())) if override.is_sweep_override() \
+                else override.get_value_element_as_str()
+            overrides.append(f"{override.get_key_element()}={value}" if not override.is_delete()
+                             or value is not None else override.get_key_element())
+    except HydraException as error:
+        return str(error)
+
+    def compose_with(items):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            return compose(config_name=task, overrides=items)
+
+    try:
+        compose_with(overrides)
+    except (HydraException, OmegaConfBaseException) as error:
+        return explain_composition_error(error, overrides, compose_with)
+    finally:
+        GlobalHydra.instance().clear()
+    return None
+
+
+def explain_composition_error(error: Exception, overrides: list[str], compose_with) -> str:
+    """Add the valid keys of the parent node when the problem is an unknown key."""
+    cause = error.__cause__ or error
+    key = getattr(cause, "full_key", None)
+    message = str(error).split("\n")[0]
+    if not key or "not in" not in str(cause):
+        detail = f"\n{cause}" if cause is not error else ""
+        return f"{str(error).strip()}{detail}"
+    parent, _, leaf = key.rpartition(".")
+    try:
+        cfg = compose_with([o for o in overrides if not o.lstrip("+~").startswith(f"{key}=")])
+        from omegaconf import OmegaConf
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        valid = sorted(k for k in node.keys() if not str(k).startswith("_"))
+    except Exception:  # noqa: BLE001 - fall back to Hydra's own message
+        return str(error).strip()
+    hint = difflib.get_close_matches(leaf, valid, n=1)
+    suggestion = f" Did you mean '{parent + '.' if parent else ''}{hint[0]}'?" if hint else ""
+    return (f"{message}\nunknown key '{key}'.{suggestion}\n"
+            f"valid keys of '{parent or '<root>'}': {', '.join(valid)}")
+
+
+def entry_point() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry_point()

@@ -1,0 +1,150 @@
+"""Structured config schemas: the typed shape of every swappable part.
+
+Each YAML file of a config group starts from one of these schemas
+(`defaults: [/schema/<group>/<name>@_here_, _self_]`), so a misspelt key or a
+value of the wrong type fails at composition, before any work starts.
+The YAML files stay the registry of variants; these classes only fix their shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+# --- data -------------------------------------------------------------------
+
+@dataclass
+class FolderDataConfig:
+    """An MVTec-AD layout folder: train/good, test/<type>, ground_truth/<type>."""
+
+    _target_: str = "anomcli.data.datamodule.FolderDataModule"
+    name: str = "folder"
+    root: str = MISSING
+    batch_size: int = 16
+    num_workers: int = 2
+
+
+@dataclass
+class CoilsDataConfig(FolderDataConfig):
+    """The embedded synthetic aluminium-coil dataset, generated on first use."""
+
+    _target_: str = "anomcli.data.datamodule.CoilsDataModule"
+    name: str = "coils"
+    root: str = ".cache/coils"
+    seed: int = 0
+    n_train: int = 200
+    n_test_good: int = 40
+    n_test_per_defect: int = 10
+    height: int = 256
+    width: int = 256
+
+
+@dataclass
+class DataFromCheckpointConfig:
+    """Use the data the checkpoint was trained with; non-null fields override it."""
+
+    _target_: Optional[str] = None
+    root: Optional[str] = None
+    batch_size: Optional[int] = None
+    num_workers: Optional[int] = None
+
+
+# --- model parts --------------------------------------------------------------
+
+@dataclass
+class ViTEncoderConfig:
+    _target_: str = "anomcli.model.encoder.ViTEncoder"
+    model_name: str = MISSING
+    taps: list[int] = field(default_factory=lambda: [2, 3, 4, 5, 6, 7, 8, 9])
+    input_size: int = 392
+    pretrained: bool = True
+    weights: Optional[str] = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CNNEncoderConfig:
+    _target_: str = "anomcli.model.encoder.CNNEncoder"
+    model_name: str = MISSING
+    taps: list[int] = MISSING
+    input_size: int = 256
+    grid_stride: int = 16
+    dim: Optional[int] = None
+    num_heads: int = 4
+    pretrained: bool = True
+    weights: Optional[str] = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class NoisyMLPConfig:
+    _target_: str = "anomcli.model.bottleneck.NoisyMLP"
+    _partial_: bool = True
+    dropout: float = 0.2
+    hidden_ratio: float = 4.0
+
+
+@dataclass
+class TransformerDecoderConfig:
+    _target_: str = "anomcli.model.decoder.TransformerDecoder"
+    _partial_: bool = True
+    depth: int = 8
+    attention: str = "linear"
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    eps: float = 1e-6
+
+
+@dataclass
+class DinomalyConfig:
+    _target_: str = "anomcli.model.dinomaly.Dinomaly"
+    encoder: Any = MISSING
+    bottleneck: Any = MISSING
+    decoder: Any = MISSING
+    encoder_groups: list[list[int]] = field(default_factory=lambda: [[0, 1, 2, 3], [4, 5, 6, 7]])
+    decoder_groups: list[list[int]] = field(default_factory=lambda: [[4, 5, 6, 7], [0, 1, 2, 3]])
+    map_sigma: float = 4.0
+    score_top_fraction: float = 0.01
+
+
+# --- trainer ------------------------------------------------------------------
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 5000
+    lr: float = 2e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    final_lr_factor: float = 0.1
+    grad_clip: float = 0.1
+    hard_mining_p: float = 0.9
+    hard_mining_ramp_steps: int = 1000
+    hard_mining_factor: float = 0.1
+    save_every: int = 500
+    log_every: int = 10
+    stats_images: int = 64
+    device: str = "auto"
+    seed: int = 0
+    resume: bool = False
+
+
+SCHEMAS = {
+    "data": {"folder": FolderDataConfig, "coils": CoilsDataConfig, "from_checkpoint": DataFromCheckpointConfig},
+    "model/encoder": {"vit": ViTEncoderConfig, "cnn": CNNEncoderConfig},
+    "model/bottleneck": {"noisy_mlp": NoisyMLPConfig},
+    "model/decoder": {"transformer": TransformerDecoderConfig},
+    "model": {"dinomaly": DinomalyConfig},
+    "trainer": {"trainer": TrainerConfig},
+}
+
+
+def register_schemas() -> None:
+    store = ConfigStore.instance()
+    for group, schemas in SCHEMAS.items():
+        for name, node in schemas.items():
+            store.store(group=f"schema/{group}", name=name, node=node)

@@ -1,0 +1,151 @@
+"""Datasets in the MVTec AD folder layout, and the loaders that feed a model.
+
+    <root>/train/good/*.png                       defect-free training images
+    <root>/test/good/*.png, <root>/test/<type>/*  test images
+    <root>/ground_truth/<type>/<name>_mask.png    optional masks of defective test images
+
+Images of any size are resized (not cropped) to the model's square input, so
+an anomaly map covers the whole image and maps back onto it exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from .image_io import ImageReadError, list_images, load_image
+
+log = logging.getLogger(__name__)
+
+GOOD = "good"
+
+
+class DatasetLayoutError(ValueError):
+    """A data root that does not follow the MVTec AD layout."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    label: int  # 0 good, 1 defective, -1 unknown (inference)
+    defect_type: str  # "good", a defect folder name, or "" when unknown
+    mask_path: Path | None = None
+
+
+def image_tensor(image, input_size: int) -> torch.Tensor:
+    """float [H, W, 3] in [0, 1] -> [3, input_size, input_size], resized with antialiasing."""
+    x = torch.from_numpy(image).permute(2, 0, 1).unsqueeze(0)  # [1, 3, H, W]
+    x = F.interpolate(x, size=(input_size, input_size), mode="bilinear", align_corners=False,
+                      antialias=True)
+    return x.squeeze(0).clamp_(0, 1)
+
+
+class ImageDataset(Dataset):
+    """Loads samples for a model; a file that cannot be read yields its reason instead of an image."""
+
+    def __init__(self, samples: Sequence[Sample], input_size: int):
+        self.samples = list(samples)
+        self.input_size = input_size
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        try:
+            image = load_image(self.samples[index].path)
+        except ImageReadError as error:
+            return {"index": index, "image": None, "error": str(error), "size": None}
+        return {"index": index, "image": image_tensor(image, self.input_size), "error": None,
+                "size": image.shape[:2]}
+
+
+def collate(items: list[dict]) -> dict:
+    """Stack the readable images; keep the unreadable ones' reasons."""
+    ok = [item for item in items if item["image"] is not None]
+    return {
+        "images": torch.stack([item["image"] for item in ok]) if ok else None,
+        "indices": [item["index"] for item in ok],
+        "sizes": [item["size"] for item in ok],
+        "errors": [(item["index"], item["error"]) for item in items if item["image"] is None],
+    }
+
+
+class FolderDataModule:
+    """An MVTec-AD layout folder: train split of good images, test split with defect types and masks."""
+
+    def __init__(self, root: str, name: str = "folder", batch_size: int = 16, num_workers: int = 2):
+        self.root = Path(root).expanduser()
+        self.name = name
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+
+    def prepare(self) -> None:
+        """Check the layout before any work starts."""
+        if not self.root.is_dir():
+            raise DatasetLayoutError(f"data root {self.root} does not exist (set data.root=...)")
+        train = self.root / "train" / GOOD
+        if not train.is_dir() or not list_images(train):
+            raise DatasetLayoutError(
+                f"{self.root} has no images in train/good/: a dataset needs the MVTec AD layout "
+                "train/good/, test/good/, test/<defect>/, ground_truth/<defect>/<name>_mask.png")
+
+    def train_samples(self) -> list[Sample]:
+        return [Sample(p, 0, GOOD) for p in list_images(self.root / "train" / GOOD)]
+
+    def test_samples(self) -> list[Sample]:
+        test = self.root / "test"
+        if not test.is_dir():
+            raise DatasetLayoutError(f"{self.root} has no test/ folder to evaluate on")
+        samples = []
+        for folder in sorted(p for p in test.iterdir() if p.is_dir()):
+            defect = folder.name
+            for path in list_images(folder):
+                mask = self.root / "ground_truth" / defect / f"{path.stem}_mask.png"
+                samples.append(Sample(path, int(defect != GOOD), defect,
+                                      mask if defect != GOOD and mask.is_file() else None))
+        if not samples:
+            raise DatasetLayoutError(f"{test} holds no images")
+        return samples
+
+    def loader(self, samples: Sequence[Sample], input_size: int, *, shuffle: bool = False,
+               batch_size: int | None = None, seed: int = 0) -> DataLoader:
+        batch_size = batch_size or self.batch_size
+        return DataLoader(
+            ImageDataset(samples, input_size), batch_size=batch_size, shuffle=shuffle,
+            drop_last=shuffle and len(samples) >= batch_size, num_workers=self.num_workers,
+            collate_fn=collate, pin_memory=torch.cuda.is_available(),
+            persistent_workers=False, generator=torch.Generator().manual_seed(seed))
+
+
+def endless_batches(loader: DataLoader) -> Iterator[dict]:
+    """Cycle over a shuffled loader epoch after epoch, skipping batches with no readable image."""
+    while True:
+        for batch in loader:
+            for index, reason in batch["errors"]:
+                log.warning("skipping unreadable training image %s: %s",
+                            loader.dataset.samples[index].path, reason)
+            if batch["images"] is not None:
+                yield batch
+
+
+class CoilsDataModule(FolderDataModule):
+    """The embedded synthetic coil dataset: generated into `root` on first use, then read as a folder."""
+
+    def __init__(self, root: str = ".cache/coils", name: str = "coils", batch_size: int = 16,
+                 num_workers: int = 2, seed: int = 0, n_train: int = 200, n_test_good: int = 40,
+                 n_test_per_defect: int = 10, height: int = 256, width: int = 256):
+        super().__init__(root, name, batch_size, num_workers)
+        self.generator_args = dict(seed=seed, n_train=n_train, n_test_good=n_test_good,
+                                   n_test_per_defect=n_test_per_defect, height=height, width=width)
+
+    def prepare(self) -> None:
+        from .coils import generate_coils
+
+        generate_coils(self.root, **self.generator_args)
+        super().prepare()

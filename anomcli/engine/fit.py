@@ -1,0 +1,87 @@
+"""The training loop: settings, setup, loop, periodic checkpoint (after nanoGPT's train.py)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from rich.progress import TextColumn
+
+from ..model.losses import global_cosine_loss, hard_mining_fraction
+from .optim import StableAdamW, build_scheduler
+from .progress import progress_bar
+from .checkpoint import load_training_state, save_training_state
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FitResult:
+    steps: int
+    final_loss: float
+    seconds: float
+    images_seen: int
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def fit(model: torch.nn.Module, batches, trainer, *, device: torch.device,
+        save: Callable[[int], Path], resume_from: Path | None = None) -> FitResult:
+    """Train the decoder side of a reconstruction model for `trainer.max_steps` steps.
+
+    batches: an endless iterator of {"images": [B, 3, S, S]}.
+    save(step): writes a checkpoint and returns its folder; the loop adds the optimiser state.
+    resume_from: a checkpoint folder whose training state to continue.
+    """
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = StableAdamW(params, lr=trainer.lr, betas=tuple(trainer.betas),
+                            weight_decay=trainer.weight_decay, amsgrad=True)
+    scheduler = build_scheduler(optimizer, total_steps=trainer.max_steps,
+                                warmup_steps=trainer.warmup_steps, final_factor=trainer.final_lr_factor)
+    step = 0
+    if resume_from is not None:
+        step = load_training_state(resume_from, optimizer, scheduler)
+        log.info("resuming from step %d of %s", step, resume_from)
+
+    loss_value, images_seen, started = float("nan"), 0, time.perf_counter()
+    with progress_bar(TextColumn("loss {task.fields[loss]:.4f}"),
+                      TextColumn("{task.fields[speed]:.1f} img/s")) as bar:
+        task = bar.add_task("train", total=trainer.max_steps, completed=step, loss=float("nan"), speed=0.0)
+        while step < trainer.max_steps:
+            images = next(batches)["images"].to(device, non_blocking=True)
+            p = hard_mining_fraction(step, final=trainer.hard_mining_p,
+                                     ramp_steps=trainer.hard_mining_ramp_steps)
+            encoded, decoded = model(images)
+            loss = global_cosine_loss(encoded, decoded, hard_fraction=p,
+                                      easy_factor=trainer.hard_mining_factor)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower trainer.lr "
+                                         "or raise model.decoder.eps")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, trainer.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            images_seen += images.shape[0]
+
+            if step % trainer.log_every == 0 or step == trainer.max_steps:
+                loss_value = loss.item()
+                speed = images_seen / max(time.perf_counter() - started, 1e-9)
+                bar.update(task, completed=step, loss=loss_value, speed=speed)
+            if step % trainer.save_every == 0 and step < trainer.max_steps:
+                save_training_state(save(step), optimizer, scheduler, step)
+    folder = save(step)
+    save_training_state(folder, optimizer, scheduler, step)
+    loss_value = loss_value if math.isfinite(loss_value) else float("nan")
+    return FitResult(step, loss_value, time.perf_counter() - started, images_seen)

@@ -1,0 +1,15 @@
+"""Rich progress bars and tables shared by the tasks."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+
+console = Console(stderr=True)
+
+
+def progress_bar(*extra_columns) -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    *extra_columns, TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+                    transient=False)

@@ -1,0 +1,110 @@
+"""Pieces the task entry points share: devices, data resolution, statistics, output writers."""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from ..data.datamodule import FolderDataModule, Sample
+from ..data.image_io import ImageReadError, load_image, load_mask
+from ..engine.checkpoint import Checkpoint
+from ..engine.evaluate import Predictions
+from ..visualize import resize_map, save_overlay
+
+log = logging.getLogger(__name__)
+
+
+class UsageError(ValueError):
+    """A request that cannot be carried out as asked; the message says what to do."""
+
+
+def output_dir(cfg: DictConfig) -> Path:
+    path = Path(cfg.paths.output_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def warn_if_random_encoder(pretrained: bool) -> None:
+    if not pretrained:
+        log.warning("!" * 72)
+        log.warning("The encoder has RANDOM weights (model.encoder.pretrained=false): this is for "
+                    "tests only, and every score and map it produces is MEANINGLESS.")
+        log.warning("!" * 72)
+
+
+def data_module_for(data_cfg: DictConfig, checkpoint: Checkpoint) -> FolderDataModule:
+    """The data the checkpoint was trained with, unless the command line picked other data.
+
+    `data=...` picks a whole data config; with the default (`from_checkpoint`) the
+    checkpoint's own data config is used and any non-null field (data.root=...) overrides it.
+    """
+    if data_cfg.get("_target_") is None:
+        trained = checkpoint.config.get("data")
+        if trained is None:
+            raise UsageError("the checkpoint records no data config: pick one with data=<name>")
+        overrides = {k: v for k, v in OmegaConf.to_container(data_cfg).items() if v is not None}
+        data_cfg = OmegaConf.merge(trained, overrides)
+    datamodule = instantiate(data_cfg)
+    datamodule.prepare()
+    return datamodule
+
+
+def training_statistics(predictions: Predictions) -> dict:
+    """Score statistics and the fixed heatmap colour scale, from maps of training images.
+
+    The colour scale runs from the median training pixel (dark) to twice the distance
+    to the highest training pixel, so good surfaces stay in the lower half of the scale.
+    """
+    scores = np.array([predictions.scores[i] for i in predictions.scored_indices()])
+    pixels = np.concatenate([m.ravel().astype(np.float32) for m in predictions.maps.values()])
+    low, top = float(np.median(pixels)), float(pixels.max())
+    return {
+        "images": int(scores.size),
+        "score": {"mean": float(scores.mean()), "std": float(scores.std()), "min": float(scores.min()),
+                  "max": float(scores.max()),
+                  **{f"q{q}": float(np.quantile(scores, q / 100)) for q in (50, 95, 99)}},
+        "map_scale": {"low": low, "high": low + 2 * max(top - low, 1e-6)},
+    }
+
+
+def map_scale(checkpoint: Checkpoint) -> tuple[float, float]:
+    scale = checkpoint.meta.get("train_statistics", {}).get("map_scale")
+    if not scale:
+        raise UsageError(f"{checkpoint.path}/meta.json has no heatmap colour scale: retrain with this version")
+    return float(scale["low"]), float(scale["high"])
+
+
+def mask_at(sample: Sample, side: int) -> np.ndarray | None:
+    """The sample's mask resized (nearest) to the map resolution; zeros for good images."""
+    if sample.label == 0:
+        return np.zeros((side, side), dtype=bool)
+    if sample.mask_path is None:
+        return None
+    mask = load_mask(sample.mask_path)
+    return resize_map(mask.astype(np.float32), side, side) >= 0.5
+
+
+def write_heatmap(path: Path, sample: Sample, anomaly_map: np.ndarray, scale: tuple[float, float],
+                  draw_mask: bool = False) -> None:
+    """Overlay at the original image size; the mask outline is drawn when there is one."""
+    try:
+        image = load_image(sample.path)
+        mask = load_mask(sample.mask_path, size=image.shape[:2]) if draw_mask and sample.mask_path else None
+    except ImageReadError as error:
+        log.warning("no heatmap for %s: %s", sample.path, error)
+        return
+    save_overlay(path, image, anomaly_map.astype(np.float32), *scale, mask=mask)
+
+
+def write_csv(path: Path, header: list[str], rows: Iterable[list]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+

@@ -1,0 +1,81 @@
+"""`anom train`: fit a detector on defect-free images and write `<run>/checkpoint/`."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from ..data.datamodule import endless_batches
+from ..engine.checkpoint import load_checkpoint, save_checkpoint
+from ..engine.evaluate import predict
+from ..engine.fit import fit, resolve_device
+from .common import UsageError, output_dir, training_statistics, warn_if_random_encoder
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: DictConfig) -> dict:
+    run_dir = output_dir(cfg)
+    checkpoint_dir = run_dir / "checkpoint"
+    torch.manual_seed(cfg.trainer.seed)
+    device = resolve_device(cfg.trainer.device)
+
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare()
+    model, model_cfg, resume_from = _model_to_train(cfg, checkpoint_dir)
+    saved_cfg = OmegaConf.merge(cfg, {"model": model_cfg})
+    encoder_pretrained = bool(model_cfg.encoder.pretrained)
+    warn_if_random_encoder(encoder_pretrained)
+
+    train_samples = datamodule.train_samples()
+    input_size = model.input_size
+    meta = {
+        "model": model_cfg._target_.rsplit(".", 1)[-1].lower(),
+        "input_size": input_size,
+        "normalisation": {"mean": model.encoder.mean.flatten().tolist(), "std": model.encoder.std.flatten().tolist()},
+        "encoder_pretrained": encoder_pretrained,
+        "train_images": len(train_samples),
+        "data_root": str(datamodule.root),
+    }
+
+    def save(step: int) -> Path:
+        return save_checkpoint(checkpoint_dir, model, saved_cfg, {**meta, "trainer_step": step})
+
+    batches = endless_batches(datamodule.loader(train_samples, input_size, shuffle=True, seed=cfg.trainer.seed))
+    result = fit(model, batches, cfg.trainer, device=device, save=save, resume_from=resume_from)
+
+    stats_samples = train_samples[:: max(1, len(train_samples) // max(1, cfg.trainer.stats_images))]
+    stats_samples = stats_samples[: cfg.trainer.stats_images]
+    stats = training_statistics(predict(model, datamodule.loader(stats_samples, input_size), device,
+                                        description="training statistics"))
+    save_checkpoint(checkpoint_dir, model, saved_cfg, {
+        **meta, "trainer_step": result.steps, "train_seconds": round(result.seconds, 2),
+        "final_loss": result.final_loss, "train_statistics": stats,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    log.info("checkpoint written to %s", checkpoint_dir)
+    return {"checkpoint": str(checkpoint_dir), "steps": result.steps, "final_loss": result.final_loss,
+            "train_seconds": result.seconds}
+
+
+def _model_to_train(cfg: DictConfig, checkpoint_dir: Path):
+    """A new model, or one continued from a checkpoint: (model, its config, training state to resume)."""
+    source = Path(cfg.ckpt) if cfg.ckpt else None
+    if source is None and cfg.trainer.resume:
+        if not (checkpoint_dir / "meta.json").is_file():
+            raise UsageError(f"trainer.resume=true but {checkpoint_dir} holds no checkpoint: point "
+                             "hydra.run.dir at the run to continue, or give ckpt=<run>/checkpoint")
+        source = checkpoint_dir
+    if source is None:
+        return instantiate(cfg.model), cfg.model, None
+    checkpoint = load_checkpoint(source)
+    model_cfg = checkpoint.config.model
+    # the encoder keeps the checkpoint's weights; pretrained records where they first came from
+    with open_dict(model_cfg):
+        model_cfg.encoder.pretrained = bool(checkpoint.meta.get("encoder_pretrained", True))
+    log.info("%s from %s", "resuming" if cfg.trainer.resume else "fine-tuning", source)
+    return checkpoint.model, model_cfg, source if cfg.trainer.resume else None
