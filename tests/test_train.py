@@ -92,3 +92,14 @@ def test_atomic_write_leaves_the_old_file_when_interrupted(tmp_path, monkeypatch
         atomic_write_json(target, {"v": 2})
     assert json.loads(target.read_text()) == {"v": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["meta.json"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("experiment", ["coils_demo"])
+def test_experiments_train_briefly(experiment, tiny_coils, tmp_path):
+    from .helpers import compose_task, tiny_data_overrides
+
+    cfg = compose_task("train", [f"experiment={experiment}", "trainer.max_steps=2", "trainer.stats_images=2",
+                                 "trainer.device=cpu", *tiny_data_overrides(tiny_coils)])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path)
+    assert load_checkpoint(train.run(cfg)["checkpoint"]).meta["trainer_step"] == 2

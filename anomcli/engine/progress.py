@@ -6,7 +6,9 @@ from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 
+# progress goes to stderr; result tables (`results`) to stdout, so they can be piped
 console = Console(stderr=True)
+results = Console()
 
 
 def progress_bar(*extra_columns) -> Progress:

@@ -14,7 +14,7 @@ from ..data.image_io import list_images
 from ..engine.checkpoint import load_checkpoint
 from ..engine.evaluate import predict
 from ..engine.fit import resolve_device
-from ..engine.progress import console
+from ..engine.progress import results
 from .common import UsageError, map_scale, output_dir, warn_if_random_encoder, write_heatmap
 
 log = logging.getLogger(__name__)
@@ -110,4 +110,4 @@ def _print(summary: dict) -> None:
     for key in ("images", "scored", "flagged", "skipped", "threshold", "threshold_source", "predictions"):
         value = summary[key]
         table.add_row(key, "none (scores only)" if key == "threshold" and value is None else str(value))
-    console.print(table)
+    results.print(table)

@@ -10,7 +10,7 @@ from .. import metrics
 from ..engine.checkpoint import THRESHOLD, atomic_write_json, load_checkpoint
 from ..engine.evaluate import predict
 from ..engine.fit import resolve_device
-from ..engine.progress import console
+from ..engine.progress import results
 from .common import UsageError, data_module_for, output_dir, warn_if_random_encoder
 
 METHODS = ("recall", "fpr", "f1")
@@ -82,4 +82,4 @@ def _print(result: dict, path) -> None:
         table.add_row(key, "-" if value is None else f"{value:.4f}")
     table.add_row("defective caught", f"{achieved['tp']} / {achieved['n_defective']}")
     table.add_row("good flagged", f"{achieved['fp']} / {achieved['n_good']}")
-    console.print(table)
+    results.print(table)

@@ -13,7 +13,7 @@ from .. import metrics
 from ..engine.checkpoint import atomic_write_json, load_checkpoint
 from ..engine.evaluate import predict
 from ..engine.fit import resolve_device
-from ..engine.progress import console
+from ..engine.progress import results
 from .common import (data_module_for, map_scale, mask_at, output_dir, warn_if_random_encoder,
                      write_csv, write_heatmap)
 
@@ -99,4 +99,4 @@ def _print_summary(result: dict, run_dir) -> None:
     for level in ("image", "pixel", "operating_point"):
         for name, value in result.get(level, {}).items():
             table.add_row(f"{level}.{name}", "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value))
-    console.print(table)
+    results.print(table)
