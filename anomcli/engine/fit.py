@@ -34,6 +34,31 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def build_memory_bank(model: torch.nn.Module, loader, *, device: torch.device,
+                      save: Callable[[int], Path]) -> FitResult:
+    """Models without a loss (PatchCore): one pass over the training images, `model.fit`, save."""
+    model.to(device).eval()
+    started, seen = time.perf_counter(), 0
+
+    def images():
+        nonlocal seen
+        with progress_bar() as bar:
+            task = bar.add_task("memory bank", total=len(loader.dataset))
+            for batch in loader:
+                for index, reason in batch["errors"]:
+                    log.warning("skipping unreadable training image %s: %s",
+                                loader.dataset.samples[index].path, reason)
+                bar.advance(task, len(batch["indices"]) + len(batch["errors"]))
+                if batch["images"] is not None:
+                    seen += batch["images"].shape[0]
+                    yield batch["images"].to(device, non_blocking=True)
+
+    with torch.no_grad():
+        model.fit(images())
+    save(0)
+    return FitResult(0, float("nan"), time.perf_counter() - started, seen)
+
+
 def fit(model: torch.nn.Module, batches, trainer, *, device: torch.device,
         save: Callable[[int], Path], resume_from: Path | None = None) -> FitResult:
     """Train the decoder side of a reconstruction model for `trainer.max_steps` steps.

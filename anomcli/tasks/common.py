@@ -13,8 +13,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..data.datamodule import FolderDataModule, Sample
 from ..data.image_io import ImageReadError, load_image, load_mask
-from ..engine.checkpoint import Checkpoint
-from ..engine.evaluate import Predictions
+from ..engine.checkpoint import Checkpoint, load_checkpoint
+from ..engine.evaluate import Predictions, predict
+from ..engine.fit import resolve_device
 from ..visualize import resize_map, save_overlay
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,18 @@ def data_module_for(data_cfg: DictConfig, checkpoint: Checkpoint) -> FolderDataM
     datamodule = instantiate(data_cfg)
     datamodule.prepare()
     return datamodule
+
+
+def score_test_split(cfg: DictConfig, *, keep_maps: bool, description: str):
+    """Load cfg.ckpt, resolve its data, score the test split: (checkpoint, datamodule, samples, predictions)."""
+    device = resolve_device(cfg.device)
+    checkpoint = load_checkpoint(cfg.ckpt, device)
+    warn_if_random_encoder(checkpoint.meta.get("encoder_pretrained", True))
+    datamodule = data_module_for(cfg.data, checkpoint)
+    samples = datamodule.test_samples()
+    predictions = predict(checkpoint.model, datamodule.loader(samples, checkpoint.model.input_size), device,
+                          keep_maps=keep_maps, description=description)
+    return checkpoint, datamodule, samples, predictions
 
 
 def training_statistics(predictions: Predictions) -> dict:

@@ -7,11 +7,9 @@ from omegaconf import DictConfig
 from rich.table import Table
 
 from .. import metrics
-from ..engine.checkpoint import THRESHOLD, atomic_write_json, load_checkpoint
-from ..engine.evaluate import predict
-from ..engine.fit import resolve_device
+from ..engine.checkpoint import THRESHOLD, atomic_write_json
 from ..engine.progress import results
-from .common import UsageError, data_module_for, output_dir, warn_if_random_encoder
+from .common import UsageError, output_dir, score_test_split
 
 METHODS = ("recall", "fpr", "f1")
 
@@ -19,14 +17,7 @@ METHODS = ("recall", "fpr", "f1")
 def run(cfg: DictConfig) -> dict:
     run_dir = output_dir(cfg)
     method = _method(cfg)
-    device = resolve_device(cfg.device)
-    checkpoint = load_checkpoint(cfg.ckpt, device)
-    warn_if_random_encoder(checkpoint.meta.get("encoder_pretrained", True))
-    model = checkpoint.model
-    datamodule = data_module_for(cfg.data, checkpoint)
-    samples = datamodule.test_samples()
-    predictions = predict(model, datamodule.loader(samples, model.input_size), device, keep_maps=False,
-                          description="threshold")
+    checkpoint, datamodule, samples, predictions = score_test_split(cfg, keep_maps=False, description="threshold")
     scored = predictions.scored_indices()
     labels = np.array([samples[i].label for i in scored])
     scores = np.array([predictions.scores[i] for i in scored])

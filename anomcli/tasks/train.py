@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from ..data.datamodule import endless_batches
 from ..engine.checkpoint import load_checkpoint, save_checkpoint
 from ..engine.evaluate import predict
-from ..engine.fit import fit, resolve_device
+from ..engine.fit import build_memory_bank, fit, resolve_device
 from .common import UsageError, output_dir, training_statistics, warn_if_random_encoder
 
 log = logging.getLogger(__name__)
@@ -46,8 +46,11 @@ def run(cfg: DictConfig) -> dict:
     def save(step: int) -> Path:
         return save_checkpoint(checkpoint_dir, model, saved_cfg, {**meta, "trainer_step": step})
 
-    batches = endless_batches(datamodule.loader(train_samples, input_size, shuffle=True, seed=cfg.trainer.seed))
-    result = fit(model, batches, cfg.trainer, device=device, save=save, resume_from=resume_from)
+    if callable(getattr(model, "fit", None)):  # a memory-bank model: no loss, no optimiser
+        result = build_memory_bank(model, datamodule.loader(train_samples, input_size), device=device, save=save)
+    else:
+        batches = endless_batches(datamodule.loader(train_samples, input_size, shuffle=True, seed=cfg.trainer.seed))
+        result = fit(model, batches, cfg.trainer, device=device, save=save, resume_from=resume_from)
 
     stats_samples = train_samples[:: max(1, len(train_samples) // max(1, cfg.trainer.stats_images))]
     stats_samples = stats_samples[: cfg.trainer.stats_images]

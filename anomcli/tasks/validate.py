@@ -10,25 +10,17 @@ from omegaconf import DictConfig
 from rich.table import Table
 
 from .. import metrics
-from ..engine.checkpoint import atomic_write_json, load_checkpoint
-from ..engine.evaluate import predict
-from ..engine.fit import resolve_device
+from ..engine.checkpoint import atomic_write_json
 from ..engine.progress import results
-from .common import (data_module_for, map_scale, mask_at, output_dir, warn_if_random_encoder,
-                     write_csv, write_heatmap)
+from .common import map_scale, mask_at, output_dir, score_test_split, write_csv, write_heatmap
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> dict:
     run_dir = output_dir(cfg)
-    device = resolve_device(cfg.device)
-    checkpoint = load_checkpoint(cfg.ckpt, device)
-    warn_if_random_encoder(checkpoint.meta.get("encoder_pretrained", True))
+    checkpoint, _, samples, predictions = score_test_split(cfg, keep_maps=True, description="validate")
     model = checkpoint.model
-    datamodule = data_module_for(cfg.data, checkpoint)
-    samples = datamodule.test_samples()
-    predictions = predict(model, datamodule.loader(samples, model.input_size), device, description="validate")
 
     scored = predictions.scored_indices()
     labels = np.array([samples[i].label for i in scored])

@@ -16,47 +16,54 @@ from torch import nn
 from ..layers import init_vit_weights
 
 
-class LinearAttention(nn.Module):
+class _HeadedAttention(nn.Module):
+    """Shared parts of both attentions: one qkv projection split into heads, one output projection."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} must be divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[B, N, C] -> q, k, v, each [B, heads, N, head_dim]."""
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        return q, k, v
+
+    def merge(self, out: torch.Tensor) -> torch.Tensor:
+        """[B, heads, N, head_dim] -> projected [B, N, C]."""
+        B, H, N, D = out.shape
+        return self.proj(out.transpose(1, 2).reshape(B, N, H * D))
+
+
+class LinearAttention(_HeadedAttention):
     """out_i = phi(q_i)^T (sum_j phi(k_j) v_j^T) / (phi(q_i) . sum_j phi(k_j) + eps), phi = elu + 1."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, eps: float = 1e-6):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} must be divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
+        super().__init__(dim, num_heads, qkv_bias)
         self.eps = eps
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [B, heads, N, head_dim]
+        q, k, v = self.heads(x)
         q, k = F.elu(q) + 1.0, F.elu(k) + 1.0
         kv = torch.einsum("bhnd,bhne->bhde", k, v)  # [B, heads, head_dim, head_dim]
         normaliser = torch.einsum("bhnd,bhd->bhn", q, k.sum(dim=2)) + self.eps  # [B, heads, N]
-        out = torch.einsum("bhnd,bhde->bhne", q, kv) / normaliser.unsqueeze(-1)
-        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+        return self.merge(torch.einsum("bhnd,bhde->bhne", q, kv) / normaliser.unsqueeze(-1))
 
 
-class SoftmaxAttention(nn.Module):
+class SoftmaxAttention(_HeadedAttention):
     """Standard multi-head softmax attention, for comparison with the linear variant."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, eps: float = 1e-6):
-        super().__init__()
+        super().__init__(dim, num_heads, qkv_bias)
         del eps  # same signature as LinearAttention; softmax needs no epsilon
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} must be divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [B, heads, N, head_dim]
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+        return self.merge(F.scaled_dot_product_attention(*self.heads(x)))
 
 
 ATTENTIONS = {"linear": LinearAttention, "softmax": SoftmaxAttention}
