@@ -82,6 +82,8 @@ def run_hydra(task: str, args: list[str]) -> int:
 
 def run_task(task: str, cfg) -> int:
     """Run one job; expected failures become a one-line message and an exit code, not a traceback."""
+    from hydra.errors import InstantiationException
+
     from .data.datamodule import DatasetLayoutError
     from .data.image_io import ImageReadError
     from .engine.checkpoint import CheckpointError
@@ -89,19 +91,20 @@ def run_task(task: str, cfg) -> int:
     from .tasks.common import UsageError
     from .tasks.infer import NothingScoredError
 
+    exit_codes = [(NothingScoredError, EXIT_NOTHING_SCORED), (UsageError, EXIT_USAGE),
+                  ((CheckpointError, DatasetLayoutError, EncoderWeightsError, ImageReadError,
+                    FileNotFoundError, FileExistsError), EXIT_FAILED)]
     module = importlib.import_module(f"anomcli.tasks.{task}")
     try:
         module.run(cfg)
-    except NothingScoredError as error:
-        log.error("%s", error)
-        return EXIT_NOTHING_SCORED
-    except UsageError as error:
-        log.error("%s", error)
-        return EXIT_USAGE
-    except (CheckpointError, DatasetLayoutError, EncoderWeightsError, ImageReadError,
-            FileNotFoundError, FileExistsError) as error:
-        log.error("%s", error)
-        return EXIT_FAILED
+    except Exception as error:
+        # Hydra wraps what a constructor raised (no weights, bad data root); report the cause
+        cause = error.__cause__ if isinstance(error, InstantiationException) and error.__cause__ else error
+        for kinds, code in exit_codes:
+            if isinstance(cause, kinds):
+                log.error("%s", cause)
+                return code
+        raise
     return EXIT_OK
 
 

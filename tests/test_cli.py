@@ -132,3 +132,22 @@ def test_bad_data_root_fails_with_a_message(tmp_path):
     result = run_cli("train", "model/encoder=tiny", "data=folder", f"data.root={tmp_path}",
                      f"hydra.run.dir={tmp_path / 'r'}", check=False)
     assert result.returncode == 1 and "train/good" in result.stderr
+
+
+def test_missing_encoder_weights_fail_with_the_three_ways(tmp_path):
+    result = run_cli("train", f"hydra.run.dir={tmp_path / 'r'}", f"data.root={tmp_path / 'coils'}",
+                     "data.n_train=2", "data.n_test_good=1", "data.n_test_per_defect=1", "data.height=32",
+                     "data.width=32", "model.encoder.input_size=56", check=False)
+    assert result.returncode == 1
+    assert "model.encoder.weights=" in result.stderr and "Hugging Face cache" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_validate_data_root_override(trained, tiny_coils, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(tiny_coils, other)
+    for defect in ("scratch", "dent"):
+        shutil.rmtree(other / "test" / defect)
+    run_cli("validate", f"ckpt={trained}", f"data.root={other}", "heatmaps=none", f"hydra.run.dir={tmp_path / 'v'}")
+    metrics = json.loads((tmp_path / "v" / "metrics.json").read_text())
+    assert metrics["counts"]["defective"] == 8 and "scratch" not in metrics["per_defect"]

@@ -120,7 +120,9 @@ class FolderDataModule:
             ImageDataset(samples, input_size), batch_size=batch_size, shuffle=shuffle,
             drop_last=shuffle and len(samples) >= batch_size, num_workers=self.num_workers,
             collate_fn=collate, pin_memory=torch.cuda.is_available(),
-            persistent_workers=False, generator=torch.Generator().manual_seed(seed))
+            # training cycles over epochs: keep workers alive instead of re-spawning them each epoch
+            persistent_workers=shuffle and self.num_workers > 0,
+            generator=torch.Generator().manual_seed(seed))
 
 
 def endless_batches(loader: DataLoader) -> Iterator[dict]:

@@ -106,6 +106,8 @@ def fit(model: torch.nn.Module, batches, trainer, *, device: torch.device,
                 bar.update(task, completed=step, loss=loss_value, speed=speed)
             if step % trainer.save_every == 0 and step < trainer.max_steps:
                 save_training_state(save(step), optimizer, scheduler, step)
+                # a line in the log too: the bar is invisible when output goes to a file
+                log.info("step %d/%d loss %.4f, checkpoint saved", step, trainer.max_steps, loss.item())
     folder = save(step)
     save_training_state(folder, optimizer, scheduler, step)
     loss_value = loss_value if math.isfinite(loss_value) else float("nan")
