@@ -8,7 +8,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 DEMO := runs/demo
 
-.PHONY: setup demo test coils clean
+.PHONY: setup demo test coils bench-quality clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# Dinomaly and PatchCore on MTD (../shared/data/mtd), one run; writes docs/BENCHMARKS.md (~40 min on 2 cores)
+bench-quality: setup
+	$(BIN)/python scripts/bench_quality.py
 
 coils: setup
 	$(BIN)/python scripts/make_coils.py --root .cache/coils

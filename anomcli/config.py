@@ -56,28 +56,32 @@ class DataFromCheckpointConfig:
 # --- model parts --------------------------------------------------------------
 
 @dataclass
-class ViTEncoderConfig:
-    _target_: str = "anomcli.model.encoder.ViTEncoder"
+class EncoderConfig:
+    """What every frozen encoder takes: a timm model, the blocks to tap, where weights come from."""
+
+    _target_: str = MISSING
     model_name: str = MISSING
-    taps: list[int] = field(default_factory=lambda: [2, 3, 4, 5, 6, 7, 8, 9])
-    input_size: int = 392
+    taps: list[int] = MISSING
+    input_size: int = MISSING
     pretrained: bool = True
     weights: Optional[str] = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
-class CNNEncoderConfig:
+class ViTEncoderConfig(EncoderConfig):
+    _target_: str = "anomcli.model.encoder.ViTEncoder"
+    taps: list[int] = field(default_factory=lambda: [2, 3, 4, 5, 6, 7, 8, 9])
+    input_size: int = 392
+
+
+@dataclass
+class CNNEncoderConfig(EncoderConfig):
     _target_: str = "anomcli.model.encoder.CNNEncoder"
-    model_name: str = MISSING
-    taps: list[int] = MISSING
     input_size: int = 256
     grid_stride: int = 16
     dim: Optional[int] = None
     num_heads: int = 4
-    pretrained: bool = True
-    weights: Optional[str] = None
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -111,6 +115,18 @@ class DinomalyConfig:
     score_top_fraction: float = 0.01
 
 
+@dataclass
+class PatchCoreConfig:
+    _target_: str = "anomcli.model.patchcore.PatchCore"
+    encoder: Any = MISSING
+    coreset_ratio: float = 0.1
+    projection_dim: int = 128
+    neighbourhood: int = 3
+    num_neighbours: int = 9
+    map_sigma: float = 4.0
+    seed: int = 0
+
+
 # --- trainer ------------------------------------------------------------------
 
 @dataclass
@@ -138,7 +154,7 @@ SCHEMAS = {
     "model/encoder": {"vit": ViTEncoderConfig, "cnn": CNNEncoderConfig},
     "model/bottleneck": {"noisy_mlp": NoisyMLPConfig},
     "model/decoder": {"transformer": TransformerDecoderConfig},
-    "model": {"dinomaly": DinomalyConfig},
+    "model": {"dinomaly": DinomalyConfig, "patchcore": PatchCoreConfig},
     "trainer": {"trainer": TrainerConfig},
 }
 

@@ -88,3 +88,13 @@ def test_wrong_type_fails_before_work():
 
 def test_sweeps_are_checked_by_their_first_value():
     assert check_overrides("train", ["model.bottleneck.dropout=0.2,0.3", "trainer.max_steps=5"]) is None
+
+
+def test_every_model_config_builds():
+    from anomcli.model import PatchCore
+
+    expected = {"dinomaly": Dinomaly, "patchcore": PatchCore}
+    for model in sorted(p.stem for p in (config_dir() / "model").glob("*.yaml")):
+        cfg = compose_task("train", [f"model={model}", "model.encoder.pretrained=false",
+                                     "model.encoder.input_size=56"])
+        assert isinstance(instantiate(cfg.model), expected[model]), model

@@ -1,5 +1,6 @@
 """Pure-torch detectors, one file each; `conf/model/*.yaml` build them."""
 
 from .dinomaly import Dinomaly
+from .patchcore import PatchCore
 
-__all__ = ["Dinomaly"]
+__all__ = ["Dinomaly", "PatchCore"]
