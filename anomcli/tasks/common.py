@@ -89,7 +89,8 @@ def training_statistics(predictions: Predictions) -> dict:
 def map_scale(checkpoint: Checkpoint) -> tuple[float, float]:
     scale = checkpoint.meta.get("train_statistics", {}).get("map_scale")
     if not scale:
-        raise UsageError(f"{checkpoint.path}/meta.json has no heatmap colour scale: retrain with this version")
+        raise UsageError(f"{checkpoint.path} has no heatmap colour scale: it was saved before training "
+                         "finished (continue it with trainer.resume=true), or run with heatmaps=none")
     return float(scale["low"]), float(scale["high"])
 
 

@@ -35,7 +35,7 @@ def run(cfg: DictConfig) -> dict:
     threshold, threshold_source = _threshold(cfg, checkpoint)
     root, files = _input_files(Path(cfg.input).expanduser())
     samples = [Sample(path, -1, "") for path in files]
-    scale = map_scale(checkpoint)
+    scale = map_scale(checkpoint) if cfg.heatmaps != "none" else None
     model = checkpoint.model
     loader = FolderDataModule(str(root), batch_size=cfg.batch_size, num_workers=cfg.num_workers).loader(
         samples, model.input_size)

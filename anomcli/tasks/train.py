@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -58,7 +59,9 @@ def run(cfg: DictConfig) -> dict:
                                         description="training statistics"))
     save_checkpoint(checkpoint_dir, model, saved_cfg, {
         **meta, "trainer_step": result.steps, "train_seconds": round(result.seconds, 2),
-        "final_loss": result.final_loss, "train_statistics": stats,
+        # memory-bank models have no loss; JSON has no NaN
+        "final_loss": result.final_loss if math.isfinite(result.final_loss) else None,
+        "train_statistics": stats,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     log.info("checkpoint written to %s", checkpoint_dir)
     return {"checkpoint": str(checkpoint_dir), "steps": result.steps, "final_loss": result.final_loss,
