@@ -125,15 +125,19 @@ class FolderDataModule:
             generator=torch.Generator().manual_seed(seed))
 
 
+def readable_batches(loader: DataLoader) -> Iterator[dict]:
+    """One pass over a training loader: unreadable files are logged and skipped, empty batches dropped."""
+    for batch in loader:
+        for index, reason in batch["errors"]:
+            log.warning("skipping unreadable training image %s: %s", loader.dataset.samples[index].path, reason)
+        if batch["images"] is not None:
+            yield batch
+
+
 def endless_batches(loader: DataLoader) -> Iterator[dict]:
     """Cycle over a shuffled loader epoch after epoch, skipping batches with no readable image."""
     while True:
-        for batch in loader:
-            for index, reason in batch["errors"]:
-                log.warning("skipping unreadable training image %s: %s",
-                            loader.dataset.samples[index].path, reason)
-            if batch["images"] is not None:
-                yield batch
+        yield from readable_batches(loader)
 
 
 class CoilsDataModule(FolderDataModule):

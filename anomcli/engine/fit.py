@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 from rich.progress import TextColumn
 
+from ..data.datamodule import readable_batches
 from ..model.losses import global_cosine_loss, hard_mining_fraction
 from .optim import StableAdamW, build_scheduler
 from .progress import progress_bar
@@ -44,14 +45,11 @@ def build_memory_bank(model: torch.nn.Module, loader, *, device: torch.device,
         nonlocal seen
         with progress_bar() as bar:
             task = bar.add_task("memory bank", total=len(loader.dataset))
-            for batch in loader:
-                for index, reason in batch["errors"]:
-                    log.warning("skipping unreadable training image %s: %s",
-                                loader.dataset.samples[index].path, reason)
+            for batch in readable_batches(loader):
                 bar.advance(task, len(batch["indices"]) + len(batch["errors"]))
-                if batch["images"] is not None:
-                    seen += batch["images"].shape[0]
-                    yield batch["images"].to(device, non_blocking=True)
+                seen += batch["images"].shape[0]
+                yield batch["images"].to(device, non_blocking=True)
+            bar.update(task, completed=len(loader.dataset))  # batches with no readable image were skipped
 
     with torch.no_grad():
         model.fit(images())
