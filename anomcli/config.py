@@ -147,6 +147,9 @@ class TrainerConfig:
     device: str = "auto"
     seed: int = 0
     resume: bool = False
+    # the frozen encoder's taps of all training images are computed once when they fit in this much memory
+    cache_encoder: bool = True
+    cache_encoder_gib: float = 4.0
 
 
 SCHEMAS = {

@@ -103,3 +103,63 @@ def test_experiments_train_briefly(experiment, tiny_coils, tmp_path):
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path)
     assert load_checkpoint(train.run(cfg)["checkpoint"]).meta["trainer_step"] == 2
+
+
+def _fit_steps(model, batches, tmp_path, steps=3):
+    from anomcli.engine.fit import fit
+    from omegaconf import OmegaConf
+    from anomcli.config import TrainerConfig
+
+    trainer = OmegaConf.structured(TrainerConfig(max_steps=steps, warmup_steps=1, save_every=100))
+    folder = tmp_path / "checkpoint"
+    folder.mkdir(parents=True)
+    fit(model, batches, trainer, device=torch.device("cpu"), save=lambda step: folder)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_training_on_cached_taps_equals_training_on_images(train_cfg, tmp_path):
+    from hydra.utils import instantiate
+
+    torch.manual_seed(0)
+    model = instantiate(train_cfg.model)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    images = torch.rand(4, 3, 56, 56)
+
+    def image_batches():
+        while True:
+            yield {"images": images}
+
+    def tap_batches():
+        taps = model.encode(images)
+        while True:
+            yield {"taps": taps}
+
+    torch.manual_seed(1)  # the bottleneck's dropout draws the same masks in both runs
+    from_images = _fit_steps(model, image_batches(), tmp_path / "a")
+    model.load_state_dict(initial)
+    torch.manual_seed(1)
+    from_taps = _fit_steps(model, tap_batches(), tmp_path / "b")
+    assert any(not torch.equal(initial[k], from_images[k]) for k in initial)  # it did train
+    for name in from_images:
+        torch.testing.assert_close(from_taps[name], from_images[name])
+
+
+def test_encoder_cache_covers_every_image_once_per_epoch_and_respects_its_limit(train_cfg, tiny_coils):
+    from hydra.utils import instantiate
+    from anomcli.engine.feature_cache import encode_training_set, endless_tap_batches
+
+    model = instantiate(train_cfg.model)
+    datamodule = instantiate(train_cfg.data)
+    datamodule.prepare()
+    samples = datamodule.train_samples()
+    loader = datamodule.loader(samples, model.input_size, batch_size=3)
+    taps = encode_training_set(model, loader, device=torch.device("cpu"), max_gib=1.0)
+    assert len(taps) == len(model.encoder.taps) and taps[0].shape[0] == len(samples)
+    first = next(iter(loader))["images"][:1]
+    torch.testing.assert_close(taps[-1][:1], model.encode(first)[-1])
+    # one epoch of shuffled batches holds each image once
+    marked = [torch.arange(len(samples), dtype=torch.float32).view(-1, 1, 1)]
+    batches = endless_tap_batches(marked, batch_size=2, seed=0)
+    seen = torch.cat([next(batches)["taps"][0].flatten() for _ in range(len(samples) // 2)])
+    assert len(seen) == len(samples) // 2 * 2 and len(set(seen.tolist())) == len(seen)
+    assert encode_training_set(model, loader, device=torch.device("cpu"), max_gib=1e-9) is None

@@ -61,7 +61,7 @@ def fit(model: torch.nn.Module, batches, trainer, *, device: torch.device,
         save: Callable[[int], Path], resume_from: Path | None = None) -> FitResult:
     """Train the decoder side of a reconstruction model for `trainer.max_steps` steps.
 
-    batches: an endless iterator of {"images": [B, 3, S, S]}.
+    batches: an endless iterator of {"images": [B, 3, S, S]} or of {"taps": the model's encoder taps}.
     save(step): writes a checkpoint and returns its folder; the loop adds the optimiser state.
     resume_from: a checkpoint folder whose training state to continue.
     """
@@ -81,10 +81,12 @@ def fit(model: torch.nn.Module, batches, trainer, *, device: torch.device,
                       TextColumn("{task.fields[speed]:.1f} img/s")) as bar:
         task = bar.add_task("train", total=trainer.max_steps, completed=step, loss=float("nan"), speed=0.0)
         while step < trainer.max_steps:
-            images = next(batches)["images"].to(device, non_blocking=True)
+            batch = next(batches)
+            # cached encoder taps (feature_cache.py) skip the frozen encoder
+            inputs = batch["taps"] if "taps" in batch else batch["images"].to(device, non_blocking=True)
             p = hard_mining_fraction(step, final=trainer.hard_mining_p,
                                      ramp_steps=trainer.hard_mining_ramp_steps)
-            encoded, decoded = model(images)
+            encoded, decoded = model(inputs)
             loss = global_cosine_loss(encoded, decoded, hard_fraction=p,
                                       easy_factor=trainer.hard_mining_factor)
             if not torch.isfinite(loss):
@@ -96,7 +98,7 @@ def fit(model: torch.nn.Module, batches, trainer, *, device: torch.device,
             optimizer.step()
             scheduler.step()
             step += 1
-            images_seen += images.shape[0]
+            images_seen += encoded[0].shape[0]
 
             if step % trainer.log_every == 0 or step == trainer.max_steps:
                 loss_value = loss.item()

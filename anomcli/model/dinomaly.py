@@ -88,9 +88,10 @@ class Dinomaly(nn.Module):
             maps.append(x.transpose(1, 2).reshape(B, D, side, side))  # [B, D, h, w]
         return maps
 
-    def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """images -> (encoder group maps, decoder group maps), each a list of [B, D, h, w]."""
-        taps = self.encode(images)
+    def forward(self, inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """images [B, 3, S, S], or their taps from `encode` (the frozen encoder's output can be
+        computed once and reused) -> (encoder group maps, decoder group maps), each a list of [B, D, h, w]."""
+        taps = self.encode(inputs) if torch.is_tensor(inputs) else inputs
         decoded = self.decode(taps)
         return self.group_maps(taps, self.encoder_groups), self.group_maps(decoded, self.decoder_groups)
 

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from ..data.datamodule import endless_batches
 from ..engine.checkpoint import load_checkpoint, save_checkpoint
 from ..engine.evaluate import predict
+from ..engine.feature_cache import encode_training_set, endless_tap_batches
 from ..engine.fit import build_memory_bank, fit, resolve_device
 from .common import UsageError, output_dir, training_statistics, warn_if_random_encoder
 
@@ -50,7 +51,7 @@ def run(cfg: DictConfig) -> dict:
     if callable(getattr(model, "fit", None)):  # a memory-bank model: no loss, no optimiser
         result = build_memory_bank(model, datamodule.loader(train_samples, input_size), device=device, save=save)
     else:
-        batches = endless_batches(datamodule.loader(train_samples, input_size, shuffle=True, seed=cfg.trainer.seed))
+        batches = _training_batches(cfg, datamodule, model, train_samples, device)
         result = fit(model, batches, cfg.trainer, device=device, save=save, resume_from=resume_from)
 
     stats_samples = train_samples[:: max(1, len(train_samples) // max(1, cfg.trainer.stats_images))]
@@ -66,6 +67,16 @@ def run(cfg: DictConfig) -> dict:
     log.info("checkpoint written to %s", checkpoint_dir)
     return {"checkpoint": str(checkpoint_dir), "steps": result.steps, "final_loss": result.final_loss,
             "train_seconds": result.seconds}
+
+
+def _training_batches(cfg: DictConfig, datamodule, model, train_samples, device):
+    """Endless training batches: cached encoder taps when they fit in trainer.cache_encoder_gib, else images."""
+    if cfg.trainer.cache_encoder and callable(getattr(model, "encode", None)):
+        taps = encode_training_set(model, datamodule.loader(train_samples, model.input_size), device=device,
+                                   max_gib=cfg.trainer.cache_encoder_gib)
+        if taps is not None:
+            return endless_tap_batches(taps, datamodule.batch_size, seed=cfg.trainer.seed)
+    return endless_batches(datamodule.loader(train_samples, model.input_size, shuffle=True, seed=cfg.trainer.seed))
 
 
 def _model_to_train(cfg: DictConfig, checkpoint_dir: Path):
