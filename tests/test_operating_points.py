@@ -164,6 +164,7 @@ def test_validate_false_positive_report(checkpoint_dir, tiny_coils, tmp_path):
     result = validate.run(_task("validate", ckpt, tmp_path / "v", f"data.root={data}", "heatmaps=none"))
     folder = tmp_path / "v" / "false_positives"
     assert result["false_positives"]["flagged"] == 7
+    assert json.loads((tmp_path / "v" / "metrics.json").read_text())["false_positives"]["flagged"] == 7
     assert (folder / "score_histogram.png").is_file()
     assert len(list((folder / "images").iterdir())) == 7 and len(list((folder / "heatmaps").iterdir())) == 7
     report = json.loads((folder / "report.json").read_text())
@@ -210,3 +211,11 @@ def test_fine_tune_with_extra_good_records_them(checkpoint_dir, tiny_coils, tmp_
     checkpoint = load_checkpoint(train.run(cfg)["checkpoint"])
     assert checkpoint.meta["train_images"] == 18 and checkpoint.meta["trainer_step"] == 2
     assert checkpoint.config.data.extra_good == str(extra)
+
+
+def test_target_fpr_too_small_for_the_good_images_is_a_usage_error(checkpoint_dir, tmp_path):
+    from anomcli.tasks.common import UsageError
+
+    with pytest.raises(UsageError, match=r"1/\(n\+1\)"):  # 6 good images allow a >= 1/7
+        threshold.run(_task("threshold", checkpoint_dir, tmp_path, "target_fpr=0.1"))
+    assert not (tmp_path / "threshold.json").exists()

@@ -49,7 +49,10 @@ def run(cfg: DictConfig) -> dict:
         good = scores[labels == 0]
         if good.size == 0:
             raise UsageError("target_fpr needs good images in the validation set")
-        threshold, n, min_alpha = metrics.threshold_for_fpr(good, cfg.target_fpr)
+        try:
+            threshold, n, min_alpha = metrics.threshold_for_fpr(good, cfg.target_fpr)
+        except ValueError as error:  # too few good images for this target: say how many are needed
+            raise UsageError(str(error)) from None
         result.update(target=cfg.target_fpr, threshold=threshold, n_good=n, smallest_target_fpr=min_alpha,
                       rule="conformal: the ceil((n+1)(1-a))-th smallest good score")
     else:

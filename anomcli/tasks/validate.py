@@ -45,7 +45,6 @@ def run(cfg: DictConfig) -> dict:
         result["pixel"] = pixel
     if threshold is not None:
         result["operating_point"] = metrics.operating_point(labels, scores, threshold)
-    atomic_write_json(run_dir / "metrics.json", result)
 
     write_csv(run_dir / "scores.csv", ["path", "defect_type", "label", "score"],
               ([str(samples[i].path), samples[i].defect_type, samples[i].label, f"{predictions.scores[i]:.6f}"]
@@ -64,6 +63,7 @@ def run(cfg: DictConfig) -> dict:
         result["false_positives"] = _false_positive_report(cfg, run_dir / "false_positives", checkpoint,
                                                            datamodule, samples, scored, labels, scores,
                                                            predictions, threshold, result["per_defect"])
+    atomic_write_json(run_dir / "metrics.json", result)
     _print_summary(result, run_dir)
     return result
 
