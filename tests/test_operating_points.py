@@ -171,6 +171,7 @@ def test_validate_false_positive_report(checkpoint_dir, tiny_coils, tmp_path):
     assert report["n_good"] == 7 and set(report["recall_per_defect"]) == {
         "scratch", "dent", "pit", "stain", "roll_mark", "edge_crack"}
     assert all(r == 1.0 for r in report["recall_per_defect"].values())
+    assert report["train_root"] == str(tiny_coils)  # compared with what the model was trained on
     copy = [e for e in report["flagged"] if e["path"].endswith("copy_of_003.png")][0]
     assert copy["nearest_train_distance"] == pytest.approx(0.0, abs=1e-5)
     assert copy["nearest_train_image"].endswith("003.png") and copy["unlike_training"] is False

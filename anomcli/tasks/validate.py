@@ -10,10 +10,13 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 from rich.table import Table
 
 from .. import metrics
+from ..data.datamodule import DatasetLayoutError
 from ..engine.checkpoint import atomic_write_json
 from ..engine.evaluate import encoder_embeddings
 from ..engine.fit import resolve_device
@@ -101,6 +104,22 @@ def _false_positive_report(cfg, folder: Path, checkpoint, datamodule, samples, s
     return {"flagged": len(flagged), "unlike_training": unlike, "folder": str(folder)}
 
 
+def _training_data(checkpoint, validation_data):
+    """The data the checkpoint was trained on (extra good images included), where it still exists;
+    else the training split of the data being validated."""
+    trained = checkpoint.config.get("data")
+    try:
+        if trained is None:
+            raise DatasetLayoutError("the checkpoint records no data config")
+        training_data = instantiate(trained)
+        training_data.prepare()
+        return training_data
+    except (DatasetLayoutError, FileNotFoundError, FileExistsError, InstantiationException) as error:
+        log.warning("comparing flagged images with %s/train/good: the training data is not available (%s)",
+                    validation_data.root, error)
+        return validation_data
+
+
 def _fmt(value: float | None) -> str:
     return "" if value is None else f"{value:.6f}"
 
@@ -119,6 +138,7 @@ def _nearest_training_images(cfg, checkpoint, datamodule, samples, flagged) -> d
     """
     device = resolve_device(cfg.device)
     model = checkpoint.model
+    datamodule = _training_data(checkpoint, datamodule)
     train = datamodule.train_samples()
     train = train[:: max(1, -(-len(train) // cfg.false_positives.max_train_images))]
     train_vectors = encoder_embeddings(model, datamodule.loader(train, model.input_size), device,
@@ -145,7 +165,7 @@ def _nearest_training_images(cfg, checkpoint, datamodule, samples, flagged) -> d
                         "nearest_train_image": str(train[train_index[nearest]].path),
                         "unlike_training": bool(distances[nearest] > limit)})
     return {"flagged": entries, "distance": "cosine, encoder taps averaged over tokens",
-            "train_images_compared": len(train_index),
+            "train_root": str(datamodule.root), "train_images_compared": len(train_index),
             "train_nearest_distance": {"median": float(np.median(train_nearest)),
                                        "quantile": cfg.false_positives.unlike_quantile, "at_quantile": limit}}
 
