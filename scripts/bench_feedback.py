@@ -82,6 +82,10 @@ def build_views(data_root: Path, views: Path, unseen: set[str], calibration_imag
     fit = [p for p in seen_train if p not in set(calibration)]
     feedback = evenly_spaced([p for p in train if group_of(p) in unseen], feedback_images)
     defects = [p for p in sorted((data_root / "test").iterdir()) if p.is_dir() and p.name != "good"]
+    # the feedback images must never be tested on: MTD's train and test splits share no file
+    overlap = {p.name for p in feedback} & {p.name for p in test_good}
+    if overlap:
+        raise SystemExit(f"feedback images also in test/good: {sorted(overlap)[:5]}")
 
     link_files(fit, views / "train_seen" / "train" / "good")
     link_files(calibration, views / "calibration" / "test" / "good")
