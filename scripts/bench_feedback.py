@@ -69,6 +69,8 @@ def link_folder(source: Path, target: Path) -> None:
 
 def build_views(data_root: Path, views: Path, unseen: set[str], calibration_images: int, feedback_images: int,
                 feedback_repeat: int) -> dict:
+    if not (data_root / "train" / "good").is_dir():
+        raise SystemExit(f"{data_root} has no train/good: give MTD's folder with --data-root")
     if views.exists():
         shutil.rmtree(views)
     train = list_images(data_root / "train" / "good")
@@ -164,7 +166,8 @@ def write_section(path: Path, text: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data" / "mtd")
+    parser.add_argument("--data-root", type=Path, default=Path("../shared/data/mtd"),
+                        help="MTD in the MVTec layout (default as for data=mtd, from the repository root)")
     parser.add_argument("--unseen", nargs="+", default=["exp5", "exp6"], help="acquisition groups held out")
     parser.add_argument("--experiment", default="mtd_dinomaly_lite0")
     parser.add_argument("--steps", type=int, default=700, help="training steps of the first model")
