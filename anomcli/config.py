@@ -26,6 +26,7 @@ class FolderDataConfig:
     root: str = MISSING
     batch_size: int = 16
     num_workers: int = 2
+    extra_good: Optional[str] = None  # a folder of confirmed-good images trained on with train/good
 
 
 @dataclass
@@ -51,6 +52,7 @@ class DataFromCheckpointConfig:
     root: Optional[str] = None
     batch_size: Optional[int] = None
     num_workers: Optional[int] = None
+    extra_good: Optional[str] = None
 
 
 # --- model parts --------------------------------------------------------------

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 
-from ..data.datamodule import Sample
+from ..data.datamodule import Sample, image_tensor
 from .progress import progress_bar
 
 
@@ -56,3 +56,51 @@ def predict(model: torch.nn.Module, loader, device: torch.device, *, keep_maps: 
                     on_batch(batch["indices"], maps, scores)
             bar.advance(task, len(batch["indices"]) + len(batch["errors"]))
     return result
+
+
+@torch.no_grad()
+def predict_images(model: torch.nn.Module, images: Iterable[np.ndarray], device: torch.device, *,
+                   batch_size: int, total: int | None = None, description: str = "score") -> np.ndarray:
+    """Scores [N] of in-memory float [H, W, 3] images (made on the fly, e.g. synthetic defects)."""
+    model.to(device).eval()
+    scores: list[np.ndarray] = []
+
+    def flush(batch: list[torch.Tensor]) -> None:
+        _, batch_scores = model.predict(torch.stack(batch).to(device))
+        scores.append(batch_scores.float().cpu().numpy())
+        bar.advance(task, len(batch))
+        batch.clear()
+
+    with progress_bar() as bar:
+        task = bar.add_task(description, total=total)
+        batch: list[torch.Tensor] = []
+        for image in images:
+            batch.append(image_tensor(image, model.input_size))
+            if len(batch) == batch_size:
+                flush(batch)
+        if batch:
+            flush(batch)
+    return np.concatenate(scores) if scores else np.zeros(0)
+
+
+@torch.no_grad()
+def encoder_embeddings(model: torch.nn.Module, loader, device: torch.device, *,
+                       description: str = "features") -> dict[int, np.ndarray]:
+    """One unit-length vector per readable sample: the encoder's taps, each averaged over its tokens.
+
+    Distances between these say how alike two whole images look to the frozen
+    encoder, independently of what the detector learnt on top of it.
+    """
+    model.to(device).eval()
+    embeddings: dict[int, np.ndarray] = {}
+    with progress_bar() as bar:
+        task = bar.add_task(description, total=len(loader.dataset))
+        for batch in loader:
+            if batch["images"] is not None:
+                taps = model.encoder(batch["images"].to(device))  # list of [B, tokens, D]
+                pooled = torch.cat([tap.float().mean(dim=1) for tap in taps], dim=1)  # [B, sum D]
+                pooled = torch.nn.functional.normalize(pooled, dim=1).cpu().numpy()
+                for index, vector in zip(batch["indices"], pooled):
+                    embeddings[index] = vector
+            bar.advance(task, len(batch["indices"]) + len(batch["errors"]))
+    return embeddings
