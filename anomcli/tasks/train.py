@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
 from ..data.datamodule import endless_batches
-from ..engine.checkpoint import load_checkpoint, save_checkpoint
+from ..engine.checkpoint import load_checkpoint, previous_folder, save_checkpoint
 from ..engine.evaluate import predict
 from ..engine.feature_cache import encode_training_set, endless_tap_batches
 from ..engine.fit import build_memory_bank, fit, resolve_device
@@ -48,8 +48,8 @@ def run(cfg: DictConfig) -> dict:
         "data_root": str(datamodule.root),
     }
 
-    def save(step: int) -> Path:
-        return save_checkpoint(checkpoint_dir, model, saved_cfg, {**meta, "trainer_step": step})
+    def save(step: int, optimizer=None, scheduler=None) -> Path:
+        return save_checkpoint(checkpoint_dir, model, saved_cfg, {**meta, "trainer_step": step}, optimizer, scheduler)
 
     if callable(getattr(model, "fit", None)):  # a memory-bank model: no loss, no optimiser
         result = build_memory_bank(model, datamodule.loader(train_samples, input_size), device=device, save=save)
@@ -86,7 +86,7 @@ def _model_to_train(cfg: DictConfig, checkpoint_dir: Path):
     """A new model, or one continued from a checkpoint: (model, its config, training state to resume)."""
     source = Path(cfg.ckpt) if cfg.ckpt else None
     if source is None and cfg.trainer.resume:
-        if not (checkpoint_dir / "meta.json").is_file():
+        if not (checkpoint_dir / "meta.json").is_file() and not (previous_folder(checkpoint_dir) / "meta.json").is_file():
             raise UsageError(f"trainer.resume=true but {checkpoint_dir} holds no checkpoint: point "
                              "hydra.run.dir at the run to continue, or give ckpt=<run>/checkpoint")
         source = checkpoint_dir
@@ -98,4 +98,5 @@ def _model_to_train(cfg: DictConfig, checkpoint_dir: Path):
     with open_dict(model_cfg):
         model_cfg.encoder.pretrained = bool(checkpoint.meta.get("encoder_pretrained", True))
     log.info("%s from %s", "resuming" if cfg.trainer.resume else "fine-tuning", source)
-    return checkpoint.model, model_cfg, source if cfg.trainer.resume else None
+    # checkpoint.path: the last complete save, even when a killed save left only that one
+    return checkpoint.model, model_cfg, checkpoint.path if cfg.trainer.resume else None
