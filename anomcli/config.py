@@ -154,6 +154,24 @@ class TrainerConfig:
     cache_encoder_gib: float = 4.0
 
 
+# --- tasks --------------------------------------------------------------------
+
+@dataclass
+class InferConfig:
+    """`anom infer`: typed, so `batch_size=abc` or `resume=maybe` fails before any work."""
+
+    task_name: str = "infer"
+    ckpt: str = MISSING
+    input: str = MISSING
+    threshold: Optional[float] = None
+    heatmaps: str = "flagged"
+    batch_size: int = 16
+    num_workers: int = 2
+    device: str = "auto"
+    resume: bool = False
+    paths: Any = None
+
+
 SCHEMAS = {
     "data": {"folder": FolderDataConfig, "coils": CoilsDataConfig, "from_checkpoint": DataFromCheckpointConfig},
     "model/encoder": {"vit": ViTEncoderConfig, "cnn": CNNEncoderConfig},
@@ -161,6 +179,7 @@ SCHEMAS = {
     "model/decoder": {"transformer": TransformerDecoderConfig},
     "model": {"dinomaly": DinomalyConfig, "patchcore": PatchCoreConfig},
     "trainer": {"trainer": TrainerConfig},
+    "task": {"infer": InferConfig},
 }
 
 
