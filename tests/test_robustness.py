@@ -324,10 +324,13 @@ def test_resume_matches_an_uninterrupted_run(tiny_coils, tmp_path, monkeypatch):
     resumed = load_checkpoint(train.run(_train_cfg(tiny_coils, tmp_path / "b", *steps, "trainer.resume=true"))
                               ["checkpoint"])
     assert resumed.meta["trainer_step"] == 8
-    images = torch.rand(4, 3, 56, 56, generator=torch.Generator().manual_seed(0))
-    _, scores_a = uninterrupted.model.predict(images)
-    _, scores_b = resumed.model.predict(images)
-    torch.testing.assert_close(scores_b, scores_a, rtol=0.05, atol=1e-3)
+    # same batches, same dropout noise, same optimiser state: the same weights (a tolerance for other hardware)
+    uninterrupted_weights = uninterrupted.model.state_dict()
+    for name, value in resumed.model.state_dict().items():
+        torch.testing.assert_close(value, uninterrupted_weights[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert resumed.meta["final_loss"] == pytest.approx(uninterrupted.meta["final_loss"], rel=1e-5)
+    assert resumed.meta["train_statistics"]["score"] == pytest.approx(
+        uninterrupted.meta["train_statistics"]["score"], rel=1e-5)
 
 
 # --- wrong use -------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .image_io import ImageReadError, list_images, load_image
 
@@ -120,15 +120,44 @@ class FolderDataModule:
         return samples
 
     def loader(self, samples: Sequence[Sample], input_size: int, *, shuffle: bool = False,
-               batch_size: int | None = None, seed: int = 0) -> DataLoader:
+               batch_size: int | None = None, seed: int = 0, start_batch: int = 0) -> DataLoader:
+        """Batches in order; with shuffle, the endless training stream of ShuffledBatches."""
         batch_size = batch_size or self.batch_size
-        return DataLoader(
-            ImageDataset(samples, input_size), batch_size=batch_size, shuffle=shuffle,
-            drop_last=shuffle and len(samples) >= batch_size, num_workers=self.num_workers,
-            collate_fn=collate, pin_memory=torch.cuda.is_available(),
-            # training cycles over epochs: keep workers alive instead of re-spawning them each epoch
-            persistent_workers=shuffle and self.num_workers > 0,
-            generator=torch.Generator().manual_seed(seed))
+        dataset = ImageDataset(samples, input_size)
+        # worker seeds come from this generator, not the global one, so starting a loader leaves the
+        # dropout random stream as it was (a resumed run must draw the noise an uninterrupted one drew)
+        options = dict(num_workers=self.num_workers, collate_fn=collate, pin_memory=torch.cuda.is_available(),
+                       generator=torch.Generator().manual_seed(seed))
+        if shuffle:
+            return DataLoader(dataset, batch_sampler=ShuffledBatches(len(samples), batch_size, seed, start_batch),
+                              **options)
+        return DataLoader(dataset, batch_size=batch_size, **options)
+
+
+class ShuffledBatches(Sampler[list[int]]):
+    """Endless training batches, a new shuffle each epoch, that can start at any batch.
+
+    Epoch e's order depends only on (seed, e), so a run resumed at batch k draws
+    the batches an uninterrupted run would have drawn from k on, with no
+    generator state to save. As with drop_last, an epoch's incomplete last
+    batch is dropped unless it is the epoch's only one.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int = 0, start_batch: int = 0):
+        self.size, self.batch_size, self.seed, self.start_batch = size, batch_size, seed, start_batch
+        self.batches_per_epoch = max(1, size // batch_size)
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.size, generator=generator).tolist()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch, skip = divmod(self.start_batch, self.batches_per_epoch)
+        while True:
+            order = self.epoch_order(epoch)
+            for batch in range(skip, self.batches_per_epoch):
+                yield order[batch * self.batch_size:(batch + 1) * self.batch_size]
+            epoch, skip = epoch + 1, 0
 
 
 def readable_batches(loader: DataLoader) -> Iterator[dict]:
@@ -141,7 +170,7 @@ def readable_batches(loader: DataLoader) -> Iterator[dict]:
 
 
 def endless_batches(loader: DataLoader) -> Iterator[dict]:
-    """Cycle over a shuffled loader epoch after epoch, skipping batches with no readable image."""
+    """The readable batches of a shuffled (endless) loader; batches with no readable image are skipped."""
     while True:
         yield from readable_batches(loader)
 

@@ -29,7 +29,7 @@ def run(cfg: DictConfig) -> dict:
 
     datamodule = instantiate(cfg.data)
     datamodule.prepare()
-    model, model_cfg, resume_from = _model_to_train(cfg, checkpoint_dir)
+    model, model_cfg, resumed = _model_to_train(cfg, checkpoint_dir)
     # replaced, not merged: a checkpoint's model need not fit the schema of the default model/encoder
     saved_cfg = cfg.copy()
     with open_dict(saved_cfg):
@@ -54,8 +54,12 @@ def run(cfg: DictConfig) -> dict:
     if callable(getattr(model, "fit", None)):  # a memory-bank model: no loss, no optimiser
         result = build_memory_bank(model, datamodule.loader(train_samples, input_size), device=device, save=save)
     else:
-        batches = _training_batches(cfg, datamodule, model, train_samples, device)
-        result = fit(model, batches, cfg.trainer, device=device, save=save, resume_from=resume_from)
+        # a resumed run continues the batch stream where the saved step left it (exact unless a whole
+        # batch was unreadable, which the loop skips without counting a step)
+        start_batch = int(resumed.meta["trainer_step"]) if resumed is not None else 0
+        batches = _training_batches(cfg, datamodule, model, train_samples, device, start_batch)
+        result = fit(model, batches, cfg.trainer, device=device, save=save,
+                     resume_from=resumed.path if resumed is not None else None)
 
     stats_samples = train_samples[:: max(1, len(train_samples) // max(1, cfg.trainer.stats_images))]
     stats_samples = stats_samples[: cfg.trainer.stats_images]
@@ -72,18 +76,20 @@ def run(cfg: DictConfig) -> dict:
             "train_seconds": result.seconds}
 
 
-def _training_batches(cfg: DictConfig, datamodule, model, train_samples, device):
-    """Endless training batches: cached encoder taps when they fit in trainer.cache_encoder_gib, else images."""
+def _training_batches(cfg: DictConfig, datamodule, model, train_samples, device, start_batch: int = 0):
+    """Endless training batches from `start_batch` on: cached encoder taps when they fit in
+    trainer.cache_encoder_gib, else images; both draw the same seeded order (ShuffledBatches)."""
     if cfg.trainer.cache_encoder and callable(getattr(model, "encode", None)):
         taps = encode_training_set(model, datamodule.loader(train_samples, model.input_size), device=device,
                                    max_gib=cfg.trainer.cache_encoder_gib)
         if taps is not None:
-            return endless_tap_batches(taps, datamodule.batch_size, seed=cfg.trainer.seed)
-    return endless_batches(datamodule.loader(train_samples, model.input_size, shuffle=True, seed=cfg.trainer.seed))
+            return endless_tap_batches(taps, datamodule.batch_size, seed=cfg.trainer.seed, start_batch=start_batch)
+    return endless_batches(datamodule.loader(train_samples, model.input_size, shuffle=True, seed=cfg.trainer.seed,
+                                             start_batch=start_batch))
 
 
 def _model_to_train(cfg: DictConfig, checkpoint_dir: Path):
-    """A new model, or one continued from a checkpoint: (model, its config, training state to resume)."""
+    """A new model, or one continued from a checkpoint: (model, its config, the checkpoint to resume)."""
     source = Path(cfg.ckpt) if cfg.ckpt else None
     if source is None and cfg.trainer.resume:
         if not (checkpoint_dir / "meta.json").is_file() and not (previous_folder(checkpoint_dir) / "meta.json").is_file():
@@ -99,4 +105,4 @@ def _model_to_train(cfg: DictConfig, checkpoint_dir: Path):
         model_cfg.encoder.pretrained = bool(checkpoint.meta.get("encoder_pretrained", True))
     log.info("%s from %s", "resuming" if cfg.trainer.resume else "fine-tuning", source)
     # checkpoint.path: the last complete save, even when a killed save left only that one
-    return checkpoint.model, model_cfg, checkpoint.path if cfg.trainer.resume else None
+    return checkpoint.model, model_cfg, checkpoint if cfg.trainer.resume else None
