@@ -58,7 +58,7 @@ def build_memory_bank(model: torch.nn.Module, loader, *, device: torch.device,
 
 
 def fit(model: torch.nn.Module, batches, trainer, *, device: torch.device,
-        save: Callable[[int], Path], resume_from: Path | None = None) -> FitResult:
+        save: Callable[..., Path], resume_from: Path | None = None) -> FitResult:
     """Train the decoder side of a reconstruction model for `trainer.max_steps` steps.
 
     batches: an endless iterator of {"images": [B, 3, S, S]} or of {"taps": the model's encoder taps}.
