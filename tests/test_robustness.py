@@ -304,8 +304,10 @@ def test_train_killed_with_sigkill_leaves_a_checkpoint_that_loads_and_resumes(ti
     assert train.run(cfg)["steps"] == step + 2
 
 
-def test_resume_matches_an_uninterrupted_run(tiny_coils, tmp_path, monkeypatch):
-    steps = ["trainer.max_steps=8", "trainer.save_every=4", "trainer.log_every=1"]
+@pytest.mark.parametrize("cache_encoder", [True, False], ids=["cached-taps", "images"])
+def test_resume_matches_an_uninterrupted_run(tiny_coils, tmp_path, monkeypatch, cache_encoder):
+    steps = ["trainer.max_steps=8", "trainer.save_every=4", "trainer.log_every=1",
+             f"trainer.cache_encoder={cache_encoder}"]
     uninterrupted = load_checkpoint(train.run(_train_cfg(tiny_coils, tmp_path / "a", *steps))["checkpoint"])
 
     from anomcli.engine import fit as fit_module
