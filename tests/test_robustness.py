@@ -110,6 +110,7 @@ CORPUS = {
     "bad/bomb.png": "image too large: 40000x40000 pixels",
     "bad/broken_link.png": "broken symbolic link",
     "bad/pipe.png": "not a regular file",
+    os.fsdecode(b"bad/caf\xe9 latin-1.png"): "empty file (0 bytes)",  # a name that is not UTF-8
 }
 
 
@@ -133,6 +134,7 @@ def corpus(tmp_path_factory) -> Path:
     _truncated(_noise(64, 64), root / "bad/truncated.jpg")
     _truncated(_noise(64, 64), root / "bad/truncated.png")
     (root / "bad/empty.png").touch()
+    (root / os.fsdecode(b"bad/caf\xe9 latin-1.png")).touch()
     (root / "bad/report.jpg").write_text("shift report: line 3 stopped at 04:10\n")
     _bomb(root / "bad/bomb.png")
     (root / "bad/broken_link.png").symlink_to(root / "bad/gone.png")
@@ -175,7 +177,8 @@ def test_infer_exit_codes_through_the_cli(checkpoint_dir, corpus, tmp_path):
     assert "skipped" in some.stdout and "bomb.png" in some.stdout
     nothing = run_cli("infer", f"ckpt={checkpoint_dir}", f"input={corpus / 'bad'}",
                       f"hydra.run.dir={tmp_path / 'none'}", check=False)
-    assert nothing.returncode == 3 and "none of the 7 input files could be scored" in nothing.stderr
+    assert nothing.returncode == 3 and "none of the 8 input files could be scored" in nothing.stderr
+    assert "caf\ufffd latin-1.png" in nothing.stdout  # listed, readable, without failing the terminal
     empty = run_cli("infer", f"ckpt={checkpoint_dir}", f"input={corpus / 'empty folder'}",
                     f"hydra.run.dir={tmp_path / 'empty'}", check=False)
     assert empty.returncode == 3 and "no image files under" in empty.stderr

@@ -84,7 +84,7 @@ def run(cfg: DictConfig) -> dict:
             for index, reason in sorted(predictions.errors.items()):
                 out.write(json.dumps({"path": str(samples[index].path), "score": None, "is_anomalous": None,
                                       "threshold": threshold, "heatmap": None, "error": reason}) + "\n")
-                log.warning("skipped %s: %s", samples[index].path, reason)
+                log.warning("skipped %s: %s", printable(samples[index].path), printable(reason))
                 skipped.append((str(samples[index].path), reason))
             counts["skipped"] = len(skipped)
 
@@ -176,6 +176,12 @@ def _relative(path: Path, root: Path) -> Path:
         return Path(path.name)
 
 
+def printable(text) -> str:
+    """A file name for the terminal and the log: bytes that are not UTF-8 (names from old file
+    shares) become U+FFFD instead of failing the write. predictions.jsonl keeps the exact name."""
+    return str(text).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def _print(summary: dict) -> None:
     table = Table(title="infer")
     table.add_column("")
@@ -192,7 +198,7 @@ def _print(summary: dict) -> None:
         skipped.add_column("file")
         skipped.add_column("reason")
         for item in summary["skipped_files"][:SKIPPED_SHOWN]:
-            skipped.add_row(item["path"], item["error"])
+            skipped.add_row(printable(item["path"]), printable(item["error"]))
         if len(summary["skipped_files"]) > SKIPPED_SHOWN:
             skipped.add_row(f"... and {len(summary['skipped_files']) - SKIPPED_SHOWN} more", f"see {PREDICTIONS}")
         results.print(skipped)
