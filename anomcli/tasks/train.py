@@ -49,7 +49,8 @@ def run(cfg: DictConfig) -> dict:
     }
 
     def save(step: int, optimizer=None, scheduler=None) -> Path:
-        return save_checkpoint(checkpoint_dir, model, saved_cfg, {**meta, "trainer_step": step}, optimizer, scheduler)
+        return save_checkpoint(checkpoint_dir, model, saved_cfg, {**meta, "trainer_step": step},
+                               optimizer, scheduler)
 
     if callable(getattr(model, "fit", None)):  # a memory-bank model: no loss, no optimiser
         result = build_memory_bank(model, datamodule.loader(train_samples, input_size), device=device, save=save)
@@ -92,7 +93,8 @@ def _model_to_train(cfg: DictConfig, checkpoint_dir: Path):
     """A new model, or one continued from a checkpoint: (model, its config, the checkpoint to resume)."""
     source = Path(cfg.ckpt) if cfg.ckpt else None
     if source is None and cfg.trainer.resume:
-        if not (checkpoint_dir / "meta.json").is_file() and not (previous_folder(checkpoint_dir) / "meta.json").is_file():
+        saved = [checkpoint_dir, previous_folder(checkpoint_dir)]  # the second: left by a killed save
+        if not any((folder / "meta.json").is_file() for folder in saved):
             raise UsageError(f"trainer.resume=true but {checkpoint_dir} holds no checkpoint: point "
                              "hydra.run.dir at the run to continue, or give ckpt=<run>/checkpoint")
         source = checkpoint_dir
