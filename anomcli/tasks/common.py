@@ -64,7 +64,8 @@ def score_test_split(cfg: DictConfig, *, keep_maps: bool, description: str):
     datamodule = data_module_for(cfg.data, checkpoint)
     samples = datamodule.test_samples()
     predictions = predict(checkpoint.model, datamodule.loader(samples, checkpoint.model.input_size), device,
-                          keep_maps=keep_maps, description=description)
+                          keep_maps=keep_maps, description=description, precision=cfg.precision,
+                          compile_model=cfg.compile)
     return checkpoint, datamodule, samples, predictions
 
 

@@ -58,7 +58,8 @@ def run(cfg: DictConfig) -> dict:
                 counts["flagged"] += int(bool(flagged))
             out.flush()
 
-        predictions = predict(model, loader, device, keep_maps=False, on_batch=write_batch, description="infer")
+        predictions = predict(model, loader, device, keep_maps=False, on_batch=write_batch, description="infer",
+                              precision=cfg.precision, compile_model=cfg.compile)
         for index, reason in sorted(predictions.errors.items()):
             out.write(json.dumps({"path": str(samples[index].path), "score": None, "is_anomalous": None,
                                   "threshold": threshold, "error": reason}) + "\n")
