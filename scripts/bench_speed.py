@@ -7,7 +7,7 @@
 Rows: Dinomaly with DINOv2 ViT-S/14 at 392 px, Dinomaly with EfficientNet-Lite0 at 256 px and
 PatchCore with EfficientNet-Lite0 at 256 px (a memory bank of the size 200 training images give),
 at batch sizes 1, 8 and 32, in fp32 and in the reduced precision the device offers (bf16 on a CPU,
-fp16 on CUDA). Weights are random: speed does not depend on them. Each row also gives the
+fp16 on CUDA), and on a CPU also as the `anom export` ONNX graph run by onnxruntime (fp32). Weights are random: speed does not depend on them. Each row also gives the
 model's FLOPs per image (torch.utils.flop_counter) and the share of the machine's measured peak
 matmul throughput (same precision) that the model reaches.
 
@@ -161,6 +161,30 @@ def model_rows(name: str, overrides: list[str], args, device, peaks) -> list[Row
     return rows
 
 
+def onnxruntime_rows(name: str, overrides: list[str], args, device, peaks, workdir: Path) -> list[Row]:
+    """The same model exported by `anom export` and run by onnxruntime (CPU, fp32; parity is tested)."""
+    try:
+        from anomcli.engine.export import export_onnx, onnx_session, run_onnx
+        session_options = __import__("onnxruntime").SessionOptions()
+    except ImportError:
+        logging.warning("onnxruntime is not installed: no onnxruntime rows (pip install 'anomcli[export]')")
+        return []
+    cfg, model = build(name, overrides)
+    side = model.input_size
+    gflops = flops_per_image(model.predict, side, torch.device("cpu")) / 1e9
+    if args.threads:
+        session_options.intra_op_num_threads = args.threads
+    session = onnx_session(export_onnx(model, workdir / f"{name}.onnx"), session_options)
+    rows = []
+    for batch in args.batches:
+        images = np.random.default_rng(0).random((batch, 3, side, side), dtype=np.float32)
+        seconds = time_calls(lambda: run_onnx(session, images), min_seconds=args.min_seconds, min_calls=1,
+                             device=torch.device("cpu"))
+        rows.append(make_row("anomcli-onnxruntime", name, cfg.model.encoder.model_name, side, batch, "fp32",
+                             "model", batch / seconds, gflops, peaks["fp32"], torch.device("cpu")))
+    return rows
+
+
 def end_to_end_rows(name: str, overrides: list[str], args, device, peaks, workdir: Path) -> list[Row]:
     """`anom infer` on freshly written PNG strips: decode, resize, score, write predictions.jsonl."""
     from anomcli.tasks import infer
@@ -290,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-seconds", type=float, default=None, help="time each row at least this long")
     parser.add_argument("--e2e-images", type=int, default=None, help="images per end-to-end row (at least 2 batches)")
     parser.add_argument("--no-anomalib", action="store_true", help="skip the side-by-side anomalib row")
+    parser.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time the exported ONNX graph with onnxruntime (CPU, fp32)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("anomcli").setLevel(logging.ERROR)  # random-weight warnings: expected here
@@ -317,8 +343,11 @@ def main(argv: list[str] | None = None) -> int:
         rows += model_rows(name, overrides, args, device, peaks)
     if not args.quick and not args.no_anomalib and "dinomaly_vits14" in models:
         rows += anomalib_rows(args, device, peaks)
-    if not args.model_only:
-        with tempfile.TemporaryDirectory() as workdir:
+    with tempfile.TemporaryDirectory() as workdir:
+        if args.onnx and device.type == "cpu" and "fp32" in peaks:
+            for name, overrides in models.items():
+                rows += onnxruntime_rows(name, overrides, args, device, peaks, Path(workdir))
+        if not args.model_only:
             for name, overrides in models.items():
                 rows += end_to_end_rows(name, overrides, args, device, peaks, Path(workdir))
 

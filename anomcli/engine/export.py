@@ -76,9 +76,9 @@ def export_onnx(model: nn.Module, path: Path, *, example_batch: int = 2) -> Path
     return path
 
 
-def onnx_session(path: Path):
+def onnx_session(path: Path, options=None):
     ort = _require("onnxruntime")
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
 def run_onnx(session, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
