@@ -11,7 +11,6 @@ map and the score are still computed in float32 (tests bound the difference).
 from __future__ import annotations
 
 import contextlib
-import logging
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
@@ -20,8 +19,6 @@ import torch
 
 from ..data.datamodule import Sample, image_tensor
 from .progress import progress_bar
-
-log = logging.getLogger(__name__)
 
 # precision -> autocast dtype (None: no autocast); "auto" is fp16 on CUDA and fp32 elsewhere
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
