@@ -169,6 +169,8 @@ class InferConfig:
     num_workers: int = 2
     device: str = "auto"
     resume: bool = False
+    precision: str = "auto"
+    compile: bool = False
     paths: Any = None
 
 

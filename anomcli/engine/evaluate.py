@@ -1,7 +1,16 @@
-"""Scoring many images with a model: batched, with a progress bar, unreadable files reported."""
+"""Scoring many images with a model: batched, with a progress bar, unreadable files reported.
+
+Speed without changing results: `torch.inference_mode`, a loader that decodes
+images in worker processes into pinned memory, channels-last memory for CNN
+encoders, and optionally reduced-precision autocast and `torch.compile`. In
+`fp32` the scores match the plain model to float rounding (tested within 1e-5);
+`fp16` (CUDA) and `bf16` run the networks in half precision while the anomaly
+map and the score are still computed in float32 (tests bound the difference).
+"""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
@@ -10,6 +19,13 @@ import torch
 
 from ..data.datamodule import Sample, image_tensor
 from .progress import progress_bar
+
+# precision -> autocast dtype (None: no autocast); "auto" is fp16 on CUDA and fp32 elsewhere
+PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class InferenceSettingsError(ValueError):
+    """A precision or compile setting the device cannot honour."""
 
 
 @dataclass
@@ -26,25 +42,64 @@ class Predictions:
         return sorted(self.scores)
 
 
-@torch.no_grad()
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' -> fp16 on CUDA, fp32 elsewhere; a precision the device lacks is a one-line error."""
+    if precision == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    if precision not in PRECISIONS:
+        raise InferenceSettingsError(f"precision must be one of auto, {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "fp16" and device.type != "cuda":
+        raise InferenceSettingsError("precision=fp16 needs a CUDA device; on the CPU use bf16 or fp32")
+    return precision
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context for a resolved precision (a no-op for fp32)."""
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def uses_channels_last(model: torch.nn.Module) -> bool:
+    """CNN encoders run faster on channels-last tensors (NHWC kernels); ViTs gain nothing."""
+    return bool(getattr(getattr(model, "encoder", None), "channels_last", False))
+
+
+def prepare_for_inference(model: torch.nn.Module, device: torch.device, *,
+                          compile_model: bool = False) -> Callable[[torch.Tensor], tuple]:
+    """Move `model` to `device` in eval mode; returns the function that maps images to (maps, scores)."""
+    model.to(device).eval()
+    if uses_channels_last(model):
+        model.to(memory_format=torch.channels_last)
+    if not compile_model:
+        return model.predict
+    # compiled once per input shape; the first batch (and a smaller last batch) pay the compile time
+    return torch.compile(model.predict, dynamic=False)
+
+
 def predict(model: torch.nn.Module, loader, device: torch.device, *, keep_maps: bool = True,
             on_batch: Callable[[list[int], np.ndarray, np.ndarray], None] | None = None,
-            description: str = "score") -> Predictions:
+            description: str = "score", precision: str = "fp32", compile_model: bool = False) -> Predictions:
     """Run `model.predict` over a loader of samples.
 
     on_batch(indices, maps [B, S, S], scores [B]) lets a caller write outputs as it goes
-    instead of holding every map in memory.
+    instead of holding every map in memory. precision: auto | fp32 | fp16 | bf16.
     """
-    model.to(device).eval()
+    precision = resolve_precision(precision, device)
+    run_model = prepare_for_inference(model, device, compile_model=compile_model)
+    memory_format = torch.channels_last if uses_channels_last(model) else torch.contiguous_format
     samples: Sequence[Sample] = loader.dataset.samples
     result = Predictions(list(samples))
-    with progress_bar() as bar:
+    with progress_bar() as bar, torch.inference_mode():
         task = bar.add_task(description, total=len(samples))
         for batch in loader:
             for index, reason in batch["errors"]:
                 result.errors[index] = reason
             if batch["images"] is not None:
-                maps, scores = model.predict(batch["images"].to(device, non_blocking=True))
+                images = batch["images"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
+                with autocast(device, precision):
+                    maps, scores = run_model(images)
                 maps = maps[:, 0].float().cpu().numpy()
                 scores = scores.float().cpu().numpy()
                 for index, size, amap, score in zip(batch["indices"], batch["sizes"], maps, scores):
