@@ -18,6 +18,22 @@ from omegaconf import MISSING
 # --- data -------------------------------------------------------------------
 
 @dataclass
+class TilingConfig:
+    """Score images in overlapping square tiles at full resolution instead of resizing them whole."""
+
+    tile: int = 0  # tile side in image pixels; 0: off (each image is resized to the model's input)
+    overlap: float = 0.25  # share of a tile that neighbouring tiles share, in [0, 1)
+
+
+@dataclass
+class TilingFromCheckpointConfig:
+    """The checkpoint's tiling unless set: tile=0 turns it off, tile=N sets the tile side."""
+
+    tile: Optional[int] = None
+    overlap: Optional[float] = None
+
+
+@dataclass
 class FolderDataConfig:
     """An MVTec-AD layout folder: train/good, test/<type>, ground_truth/<type>."""
 
@@ -26,6 +42,7 @@ class FolderDataConfig:
     root: str = MISSING
     batch_size: int = 16
     num_workers: int = 2
+    tiling: TilingConfig = field(default_factory=TilingConfig)
 
 
 @dataclass
@@ -51,6 +68,14 @@ class DataFromCheckpointConfig:
     root: Optional[str] = None
     batch_size: Optional[int] = None
     num_workers: Optional[int] = None
+    tiling: TilingFromCheckpointConfig = field(default_factory=TilingFromCheckpointConfig)
+
+
+@dataclass
+class InferDataConfig:
+    """infer reads files, not a dataset: only how its images are cut into tiles."""
+
+    tiling: TilingFromCheckpointConfig = field(default_factory=TilingFromCheckpointConfig)
 
 
 # --- model parts --------------------------------------------------------------
@@ -154,6 +179,7 @@ class TrainerConfig:
 
 SCHEMAS = {
     "data": {"folder": FolderDataConfig, "coils": CoilsDataConfig, "from_checkpoint": DataFromCheckpointConfig},
+    "infer": {"data": InferDataConfig},
     "model/encoder": {"vit": ViTEncoderConfig, "cnn": CNNEncoderConfig},
     "model/bottleneck": {"noisy_mlp": NoisyMLPConfig},
     "model/decoder": {"transformer": TransformerDecoderConfig},

@@ -5,7 +5,9 @@
     <root>/ground_truth/<type>/<name>_mask.png    optional masks of defective test images
 
 Images of any size are resized (not cropped) to the model's square input, so
-an anomaly map covers the whole image and maps back onto it exactly.
+an anomaly map covers the whole image and maps back onto it exactly. With
+tiling (`data.tiling.tile`), large images are scored in overlapping tiles and
+trained on random tiles instead (see tiling.py).
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .image_io import ImageReadError, list_images, load_image
+from .tiling import RandomTileDataset, TiledImageDataset, collate_tiles
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +31,29 @@ GOOD = "good"
 
 class DatasetLayoutError(ValueError):
     """A data root that does not follow the MVTec AD layout."""
+
+
+class TilingError(ValueError):
+    """Tiling settings that cannot work."""
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """tile: side of a square tile in image pixels (0: off); overlap: share of a tile neighbours share."""
+
+    tile: int = 0
+    overlap: float = 0.25
+
+    def __post_init__(self):
+        if self.tile < 0 or self.tile == 1:
+            raise TilingError(f"data.tiling.tile must be 0 (off) or a tile side of at least 2 pixels, "
+                              f"got {self.tile}")
+        if not 0 <= self.overlap < 1:
+            raise TilingError(f"data.tiling.overlap must be in [0, 1), got {self.overlap}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.tile > 0
 
 
 @dataclass(frozen=True)
@@ -79,11 +105,13 @@ def collate(items: list[dict]) -> dict:
 class FolderDataModule:
     """An MVTec-AD layout folder: train split of good images, test split with defect types and masks."""
 
-    def __init__(self, root: str, name: str = "folder", batch_size: int = 16, num_workers: int = 2):
+    def __init__(self, root: str, name: str = "folder", batch_size: int = 16, num_workers: int = 2,
+                 tiling: dict | None = None):
         self.root = Path(root).expanduser()
         self.name = name
         self.batch_size = batch_size
         self.num_workers = num_workers
+        self.tiling = Tiling(**(tiling or {}))
 
     def prepare(self) -> None:
         """Check the layout before any work starts."""
@@ -114,12 +142,26 @@ class FolderDataModule:
         return samples
 
     def loader(self, samples: Sequence[Sample], input_size: int, *, shuffle: bool = False,
-               batch_size: int | None = None, seed: int = 0) -> DataLoader:
+               batch_size: int | None = None, seed: int = 0, rank: int = 0, world_size: int = 1) -> DataLoader:
+        """shuffle: a training loader. rank, world_size: this process's share of a shuffled
+        loader under torchrun (each epoch a new seeded permutation, split without overlap)."""
         batch_size = batch_size or self.batch_size
+        dataset, collate_fn = ImageDataset(samples, input_size), collate
+        if self.tiling.enabled and shuffle:
+            dataset = RandomTileDataset(samples, input_size, self.tiling.tile)
+        elif self.tiling.enabled:
+            # one image's tiles already fill a forward pass: batch_size counts tiles, an image is a batch
+            dataset = TiledImageDataset(samples, input_size, self.tiling.tile, self.tiling.overlap,
+                                        tiles_per_forward=batch_size)
+            collate_fn, batch_size = collate_tiles, 1
+        sampler = None
+        if shuffle and world_size > 1:
+            sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
+                                         drop_last=len(samples) >= world_size)
         return DataLoader(
-            ImageDataset(samples, input_size), batch_size=batch_size, shuffle=shuffle,
-            drop_last=shuffle and len(samples) >= batch_size, num_workers=self.num_workers,
-            collate_fn=collate, pin_memory=torch.cuda.is_available(),
+            dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+            drop_last=shuffle and len(samples) >= batch_size * world_size, num_workers=self.num_workers,
+            collate_fn=collate_fn, pin_memory=torch.cuda.is_available(),
             # training cycles over epochs: keep workers alive instead of re-spawning them each epoch
             persistent_workers=shuffle and self.num_workers > 0,
             generator=torch.Generator().manual_seed(seed))
@@ -136,8 +178,12 @@ def readable_batches(loader: DataLoader) -> Iterator[dict]:
 
 def endless_batches(loader: DataLoader) -> Iterator[dict]:
     """Cycle over a shuffled loader epoch after epoch, skipping batches with no readable image."""
+    epoch = 0
     while True:
+        if isinstance(loader.sampler, DistributedSampler):
+            loader.sampler.set_epoch(epoch)  # a new permutation each epoch, the same on every process
         yield from readable_batches(loader)
+        epoch += 1
 
 
 class CoilsDataModule(FolderDataModule):
@@ -145,8 +191,8 @@ class CoilsDataModule(FolderDataModule):
 
     def __init__(self, root: str = ".cache/coils", name: str = "coils", batch_size: int = 16,
                  num_workers: int = 2, seed: int = 0, n_train: int = 200, n_test_good: int = 40,
-                 n_test_per_defect: int = 10, height: int = 256, width: int = 256):
-        super().__init__(root, name, batch_size, num_workers)
+                 n_test_per_defect: int = 10, height: int = 256, width: int = 256, tiling: dict | None = None):
+        super().__init__(root, name, batch_size, num_workers, tiling)
         self.generator_args = dict(seed=seed, n_train=n_train, n_test_good=n_test_good,
                                    n_test_per_defect=n_test_per_defect, height=height, width=width)
 

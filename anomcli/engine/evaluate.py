@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ..data.datamodule import Sample
+from ..data.tiling import stitch_batch
 from .progress import progress_bar
 
 
@@ -33,7 +34,8 @@ def predict(model: torch.nn.Module, loader, device: torch.device, *, keep_maps: 
     """Run `model.predict` over a loader of samples.
 
     on_batch(indices, maps [B, S, S], scores [B]) lets a caller write outputs as it goes
-    instead of holding every map in memory.
+    instead of holding every map in memory. With a tiled loader (data.tiling), the maps
+    are one stitched [h, w] map per image, in a list.
     """
     model.to(device).eval()
     samples: Sequence[Sample] = loader.dataset.samples
@@ -44,9 +46,12 @@ def predict(model: torch.nn.Module, loader, device: torch.device, *, keep_maps: 
             for index, reason in batch["errors"]:
                 result.errors[index] = reason
             if batch["images"] is not None:
-                maps, scores = model.predict(batch["images"].to(device, non_blocking=True))
-                maps = maps[:, 0].float().cpu().numpy()
-                scores = scores.float().cpu().numpy()
+                if "grids" in batch:
+                    maps, scores = _predict_tiles(model, batch, device, loader.dataset.tiles_per_forward)
+                else:
+                    maps, scores = model.predict(batch["images"].to(device, non_blocking=True))
+                    maps = maps[:, 0].float().cpu().numpy()
+                    scores = scores.float().cpu().numpy()
                 for index, size, amap, score in zip(batch["indices"], batch["sizes"], maps, scores):
                     result.scores[index] = float(score)
                     result.sizes[index] = tuple(size)
@@ -56,3 +61,13 @@ def predict(model: torch.nn.Module, loader, device: torch.device, *, keep_maps: 
                     on_batch(batch["indices"], maps, scores)
             bar.advance(task, len(batch["indices"]) + len(batch["errors"]))
     return result
+
+
+def _predict_tiles(model: torch.nn.Module, batch: dict, device: torch.device,
+                   tiles_per_forward: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """Score the tiles of the batch's images a chunk at a time, then stitch one map per image."""
+    outputs = [model.predict(chunk.to(device, non_blocking=True))
+               for chunk in batch["images"].split(tiles_per_forward)]
+    maps = torch.cat([m for m, _ in outputs])  # [tiles, 1, S, S]
+    scores = torch.cat([s for _, s in outputs])  # [tiles]
+    return stitch_batch(maps, scores, batch["grids"], model.input_size)

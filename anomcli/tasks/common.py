@@ -9,7 +9,7 @@ from typing import Iterable
 
 import numpy as np
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ..data.datamodule import FolderDataModule, Sample
 from ..data.image_io import ImageReadError, load_image, load_mask
@@ -49,11 +49,21 @@ def data_module_for(data_cfg: DictConfig, checkpoint: Checkpoint) -> FolderDataM
         trained = checkpoint.config.get("data")
         if trained is None:
             raise UsageError("the checkpoint records no data config: pick one with data=<name>")
-        overrides = {k: v for k, v in OmegaConf.to_container(data_cfg).items() if v is not None}
+        overrides = {k: v for k, v in OmegaConf.to_container(data_cfg).items() if v is not None and k != "tiling"}
         data_cfg = OmegaConf.merge(trained, overrides)
+    with open_dict(data_cfg):
+        data_cfg.tiling = tiling_for(data_cfg.get("tiling") or {}, checkpoint)
     datamodule = instantiate(data_cfg)
     datamodule.prepare()
     return datamodule
+
+
+def tiling_for(requested, checkpoint: Checkpoint) -> dict:
+    """The tiling a checkpoint was trained with, with the fields the command line set (non-null)."""
+    trained = checkpoint.config.get("data", {}).get("tiling") or {}
+    tiling = {"tile": 0, "overlap": 0.25, **OmegaConf.to_container(OmegaConf.create(dict(trained)))}
+    tiling.update({k: v for k, v in dict(requested).items() if v is not None})
+    return tiling
 
 
 def score_test_split(cfg: DictConfig, *, keep_maps: bool, description: str):
@@ -94,14 +104,14 @@ def map_scale(checkpoint: Checkpoint) -> tuple[float, float]:
     return float(scale["low"]), float(scale["high"])
 
 
-def mask_at(sample: Sample, side: int) -> np.ndarray | None:
-    """The sample's mask resized (nearest) to the map resolution; zeros for good images."""
+def mask_at(sample: Sample, shape: tuple[int, int]) -> np.ndarray | None:
+    """The sample's mask resized to the map's (h, w) (bilinear, then >= 0.5); zeros for good images."""
     if sample.label == 0:
-        return np.zeros((side, side), dtype=bool)
+        return np.zeros(shape, dtype=bool)
     if sample.mask_path is None:
         return None
     mask = load_mask(sample.mask_path)
-    return resize_map(mask.astype(np.float32), side, side) >= 0.5
+    return resize_map(mask.astype(np.float32), *shape) >= 0.5
 
 
 def write_heatmap(path: Path, sample: Sample, anomaly_map: np.ndarray, scale: tuple[float, float],

@@ -11,11 +11,12 @@ from rich.table import Table
 
 from ..data.datamodule import FolderDataModule, Sample
 from ..data.image_io import list_images
+from ..engine import distributed
 from ..engine.checkpoint import load_checkpoint
 from ..engine.evaluate import predict
 from ..engine.fit import resolve_device
 from ..engine.progress import results
-from .common import UsageError, map_scale, output_dir, warn_if_random_encoder, write_heatmap
+from .common import UsageError, map_scale, output_dir, tiling_for, warn_if_random_encoder, write_heatmap
 
 log = logging.getLogger(__name__)
 HEATMAP_MODES = ("flagged", "all", "none")
@@ -29,20 +30,23 @@ def run(cfg: DictConfig) -> dict:
     if cfg.heatmaps not in HEATMAP_MODES:
         raise UsageError(f"heatmaps must be one of {', '.join(HEATMAP_MODES)}, got {cfg.heatmaps!r}")
     run_dir = output_dir(cfg)
-    device = resolve_device(cfg.device)
+    device = distributed.local_device(resolve_device(cfg.device))
     checkpoint = load_checkpoint(cfg.ckpt, device)
     warn_if_random_encoder(checkpoint.meta.get("encoder_pretrained", True))
     threshold, threshold_source = _threshold(cfg, checkpoint)
     root, files = _input_files(Path(cfg.input).expanduser())
-    samples = [Sample(path, -1, "") for path in files]
+    # under torchrun each process scores every N-th file and writes its own part of predictions.jsonl
+    samples = distributed.shard([Sample(path, -1, "") for path in files])
     scale = map_scale(checkpoint) if cfg.heatmaps != "none" else None
     model = checkpoint.model
-    loader = FolderDataModule(str(root), batch_size=cfg.batch_size, num_workers=cfg.num_workers).loader(
-        samples, model.input_size)
+    tiling = tiling_for(cfg.data.tiling, checkpoint)
+    loader = FolderDataModule(str(root), batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                              tiling=tiling).loader(samples, model.input_size)
 
     heatmap_dir = run_dir / "heatmaps"
     counts = {"scored": 0, "flagged": 0, "skipped": 0}
-    with open(run_dir / "predictions.jsonl", "w") as out:
+    predictions_path = run_dir / "predictions.jsonl"
+    with open(distributed.part_path(predictions_path), "w") as out:
         def write_batch(indices, maps, scores):
             for index, amap, score in zip(indices, maps, scores):
                 sample = samples[index]
@@ -65,12 +69,18 @@ def run(cfg: DictConfig) -> dict:
             log.warning("skipped %s: %s", samples[index].path, reason)
             counts["skipped"] += 1
 
-    summary = {**counts, "images": len(samples), "threshold": threshold, "threshold_source": threshold_source,
-               "predictions": str(run_dir / "predictions.jsonl")}
-    _print(summary)
+    if distributed.world_size() > 1:
+        distributed.barrier()  # every part is complete
+        if distributed.is_main_process():
+            distributed.merge_jsonl_parts(predictions_path, [str(path) for path in files])
+        counts = distributed.sum_over_processes(counts)
+    summary = {**counts, "images": len(files), "threshold": threshold, "threshold_source": threshold_source,
+               "predictions": str(predictions_path), "tiling": tiling}
+    if distributed.is_main_process():
+        _print(summary)
     if counts["scored"] == 0:
-        raise NothingScoredError(f"none of the {len(samples)} input files could be scored "
-                                 f"(reasons in {run_dir / 'predictions.jsonl'})")
+        raise NothingScoredError(f"none of the {len(files)} input files could be scored "
+                                 f"(reasons in {predictions_path})")
     return summary
 
 

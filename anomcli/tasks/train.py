@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ..data.datamodule import endless_batches
+from ..engine import distributed
 from ..engine.checkpoint import load_checkpoint, save_checkpoint
 from ..engine.evaluate import predict
 from ..engine.feature_cache import encode_training_set, endless_tap_batches
@@ -25,10 +26,15 @@ def run(cfg: DictConfig) -> dict:
     run_dir = output_dir(cfg)
     checkpoint_dir = run_dir / "checkpoint"
     torch.manual_seed(cfg.trainer.seed)
-    device = resolve_device(cfg.trainer.device)
+    device = distributed.local_device(resolve_device(cfg.trainer.device))
+    rank, world_size = distributed.rank(), distributed.world_size()
 
     datamodule = instantiate(cfg.data)
-    datamodule.prepare()
+    if distributed.is_main_process():  # generated data (coils) is written once, by rank 0
+        datamodule.prepare()
+    distributed.barrier()
+    if not distributed.is_main_process():
+        datamodule.prepare()
     model, model_cfg, resume_from = _model_to_train(cfg, checkpoint_dir)
     saved_cfg = OmegaConf.merge(cfg, {"model": model_cfg})
     encoder_pretrained = bool(model_cfg.encoder.pretrained)
@@ -43,16 +49,30 @@ def run(cfg: DictConfig) -> dict:
         "encoder_pretrained": encoder_pretrained,
         "train_images": len(train_samples),
         "data_root": str(datamodule.root),
+        "tiling": {"tile": datamodule.tiling.tile, "overlap": datamodule.tiling.overlap},
+        "world_size": world_size,
+        "effective_batch_size": datamodule.batch_size * world_size,
     }
 
     def save(step: int) -> Path:
         return save_checkpoint(checkpoint_dir, model, saved_cfg, {**meta, "trainer_step": step})
 
     if callable(getattr(model, "fit", None)):  # a memory-bank model: no loss, no optimiser
+        if not distributed.is_main_process():  # one pass, no gradients: rank 0 builds the bank alone
+            return {"checkpoint": str(checkpoint_dir), "steps": 0, "rank": rank}
         result = build_memory_bank(model, datamodule.loader(train_samples, input_size), device=device, save=save)
     else:
-        batches = _training_batches(cfg, datamodule, model, train_samples, device)
-        result = fit(model, batches, cfg.trainer, device=device, save=save, resume_from=resume_from)
+        if world_size > 1:
+            log.info("distributed training: %d processes x data.batch_size %d = effective batch %d; "
+                     "trainer.lr %g is used as given (not scaled)", world_size, datamodule.batch_size,
+                     datamodule.batch_size * world_size, cfg.trainer.lr)
+        batches = _training_batches(cfg, datamodule, model, train_samples, device, rank=rank, world_size=world_size)
+        trained = distributed.wrap_for_training(model, device)
+        torch.manual_seed(cfg.trainer.seed + rank)  # each process draws its own bottleneck noise
+        result = fit(trained, batches, cfg.trainer, device=device, save=save, resume_from=resume_from)
+        if not distributed.is_main_process():  # rank 0 writes the statistics and the checkpoint
+            return {"checkpoint": str(checkpoint_dir), "steps": result.steps, "final_loss": result.final_loss,
+                    "train_seconds": result.seconds, "rank": rank}
 
     stats_samples = train_samples[:: max(1, len(train_samples) // max(1, cfg.trainer.stats_images))]
     stats_samples = stats_samples[: cfg.trainer.stats_images]
@@ -69,14 +89,22 @@ def run(cfg: DictConfig) -> dict:
             "train_seconds": result.seconds}
 
 
-def _training_batches(cfg: DictConfig, datamodule, model, train_samples, device):
-    """Endless training batches: cached encoder taps when they fit in trainer.cache_encoder_gib, else images."""
-    if cfg.trainer.cache_encoder and callable(getattr(model, "encode", None)):
-        taps = encode_training_set(model, datamodule.loader(train_samples, model.input_size), device=device,
-                                   max_gib=cfg.trainer.cache_encoder_gib)
+def _training_batches(cfg: DictConfig, datamodule, model, train_samples, device, *, rank: int = 0,
+                      world_size: int = 1):
+    """Endless training batches: cached encoder taps when they fit in trainer.cache_encoder_gib, else images.
+
+    Under torchrun each process draws from its own share of the images (its own seed for the cache).
+    Random tiles (data.tiling) differ at every step, so they are never cached.
+    """
+    if datamodule.tiling.enabled and cfg.trainer.cache_encoder:
+        log.info("data.tiling draws new random tiles every step: the encoder taps are not cached")
+    elif cfg.trainer.cache_encoder and callable(getattr(model, "encode", None)):
+        taps = encode_training_set(model, datamodule.loader(distributed.shard(train_samples), model.input_size),
+                                   device=device, max_gib=cfg.trainer.cache_encoder_gib)
         if taps is not None:
-            return endless_tap_batches(taps, datamodule.batch_size, seed=cfg.trainer.seed)
-    return endless_batches(datamodule.loader(train_samples, model.input_size, shuffle=True, seed=cfg.trainer.seed))
+            return endless_tap_batches(taps, datamodule.batch_size, seed=cfg.trainer.seed + rank)
+    return endless_batches(datamodule.loader(train_samples, model.input_size, shuffle=True, seed=cfg.trainer.seed,
+                                             rank=rank, world_size=world_size))
 
 
 def _model_to_train(cfg: DictConfig, checkpoint_dir: Path):

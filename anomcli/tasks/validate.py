@@ -20,7 +20,6 @@ log = logging.getLogger(__name__)
 def run(cfg: DictConfig) -> dict:
     run_dir = output_dir(cfg)
     checkpoint, _, samples, predictions = score_test_split(cfg, keep_maps=True, description="validate")
-    model = checkpoint.model
 
     scored = predictions.scored_indices()
     labels = np.array([samples[i].label for i in scored])
@@ -33,7 +32,7 @@ def run(cfg: DictConfig) -> dict:
                    "good": int((labels == 0).sum()), "defective": int((labels == 1).sum()),
                    **{f"type_{k}": v for k, v in sorted(Counter(samples[i].defect_type for i in scored).items())}},
     }
-    pixel = _pixel_metrics(samples, scored, predictions, model.input_size)
+    pixel = _pixel_metrics(samples, scored, predictions)
     if pixel is not None:
         result["pixel"] = pixel
     if threshold is not None:
@@ -72,10 +71,11 @@ def _per_defect(samples, scored, labels, scores, threshold) -> dict:
     return out
 
 
-def _pixel_metrics(samples, scored, predictions, side: int) -> dict | None:
+def _pixel_metrics(samples, scored, predictions) -> dict | None:
+    """At the maps' resolution: the model's input, or input / tile times the image with tiling."""
     masks, maps = [], []
     for i in scored:
-        mask = mask_at(samples[i], side)
+        mask = mask_at(samples[i], predictions.maps[i].shape)
         if mask is not None:
             masks.append(mask)
             maps.append(predictions.maps[i].astype(np.float32))

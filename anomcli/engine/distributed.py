@@ -1,0 +1,142 @@
+"""Several processes under `torchrun`: one process group, rank 0 writes, inputs split without overlap.
+
+    torchrun --nproc_per_node=N -m anomcli train ...   data-parallel training (DistributedDataParallel)
+    torchrun --nproc_per_node=N -m anomcli infer ...   the input files shared out, one predictions file
+
+torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them (a plain `anom`)
+every helper here is a no-op for a single process. The group uses gloo for CPU
+tensors and, when CUDA is present, NCCL for GPU tensors, with one GPU per
+process (cuda:LOCAL_RANK).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Sequence, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def launched_distributed() -> bool:
+    """True in a process that torchrun started as one of several."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_process_group() -> None:
+    """Join the group torchrun describes in the environment; does nothing when already joined or alone."""
+    if dist.is_initialized() or not launched_distributed():
+        return
+    backend = "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        backend = "cpu:gloo,cuda:nccl"
+    dist.init_process_group(backend=backend)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def local_device(device: torch.device) -> torch.device:
+    """One GPU per process: cuda becomes cuda:LOCAL_RANK; CPU stays CPU."""
+    if device.type == "cuda" and device.index is None and dist.is_initialized():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_from_main(value: T) -> T:
+    """Rank 0's `value` on every process (any picklable object)."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def sum_over_processes(counts: dict[str, int]) -> dict[str, int]:
+    """Add integer counters across processes; every process gets the totals."""
+    if not dist.is_initialized():
+        return dict(counts)
+    gathered: list[Any] = [None] * world_size()
+    dist.all_gather_object(gathered, counts)
+    return {key: sum(part[key] for part in gathered) for key in counts}
+
+
+def shard(items: Sequence[T]) -> list[T]:
+    """This process's share: items rank, rank + N, rank + 2N, ... (every item on exactly one process)."""
+    return list(items[rank()::world_size()])
+
+
+def wrap_for_training(model: nn.Module, device: torch.device) -> nn.Module:
+    """DistributedDataParallel around the model when there are several processes: gradients are
+    averaged across processes after each backward, so every copy takes the same step.
+    Frozen parameters (the encoder) are left out of the averaging."""
+    if not dist.is_initialized():
+        return model
+    model.to(device)
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+# --- one output file from several processes -----------------------------------------------
+
+def part_path(path: Path) -> Path:
+    """Where this process writes its share of `path`: `path` itself when alone."""
+    if world_size() == 1:
+        return path
+    return path.with_name(f"{path.stem}.part{rank():03d}-of-{world_size():03d}{path.suffix}")
+
+
+def merge_jsonl_parts(path: Path, order: Sequence[str], key: str = "path") -> int:
+    """On rank 0 after every part is written: join the parts of `path` into `path`, in `order`.
+
+    Every record's `key` must be one of `order` and each must appear exactly once,
+    so no input is lost or written twice; the parts are removed once `path` is complete.
+    Returns the number of records.
+    """
+    parts = [path.with_name(f"{path.stem}.part{r:03d}-of-{world_size():03d}{path.suffix}")
+             for r in range(world_size())]
+    records: dict[str, str] = {}
+    for part in parts:
+        for line in part.read_text().splitlines():
+            name = json.loads(line)[key]
+            if name in records:
+                raise RuntimeError(f"{name} was written by more than one process ({part})")
+            records[name] = line
+    missing = [name for name in order if name not in records]
+    unexpected = sorted(set(records) - set(order))
+    if missing or unexpected:
+        raise RuntimeError(f"merging {path.name}: {len(missing)} inputs missing (first: {missing[:3]}), "
+                           f"{len(unexpected)} unexpected (first: {unexpected[:3]})")
+    tmp = path.with_name(f".{path.name}.merging")
+    with open(tmp, "w") as out:
+        out.writelines(records[name] + "\n" for name in order)
+    os.replace(tmp, path)
+    for part in parts:
+        part.unlink()
+    return len(order)
