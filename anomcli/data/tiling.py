@@ -10,10 +10,12 @@ resolution.
     positions   along each axis n = ceil((L - tile) / (tile * (1 - overlap))) + 1 tiles,
                 spread evenly from 0 to L - tile, so neighbours share at least `overlap`
                 of a tile and the last tile ends on the image border
-    blending    every tile map is weighted by a window that ramps linearly from near 0
-                at the tile's edges to 1 over the overlap; the map is the weighted mean.
-                Models have edge effects (padding, smoothing, position embeddings),
-                so the low weight at tile edges is what removes the seams
+    blending    every tile map is weighted by a Gaussian centred on the tile (sigma 1/8 of
+                the tile side, as in MONAI's sliding-window inference) and the map is the
+                weighted mean. Models have edge effects (padding, smoothing, position
+                embeddings); the weight at a tile's edge is exp(-8) of its centre's, so
+                where tiles overlap the one that sees a pixel away from its edge decides.
+                The overlap must be wider than those edge effects (0.25 is)
     image score the highest tile score: a few-pixel defect is not averaged away by
                 the good surface around it
 
@@ -33,9 +35,8 @@ from torch.utils.data import Dataset
 
 from .image_io import ImageReadError, load_image
 
-# weight of a tile map at its very edge, relative to its centre: small, but above zero so an
-# image border covered by a single tile edge still gets a value
-EDGE_WEIGHT = 1e-3
+# blending window: Gaussian with this sigma as a share of the tile side
+BLEND_SIGMA = 0.125
 
 
 def axis_positions(length: int, tile: int, overlap: float) -> list[int]:
@@ -91,14 +92,14 @@ def cut_tiles(image: np.ndarray, grid: TileGrid, input_size: int) -> torch.Tenso
     return tiles
 
 
-def blend_window(height: int, width: int, ramp_h: float, ramp_w: float) -> torch.Tensor:
-    """[height, width] weights: EDGE_WEIGHT at the border rising linearly to 1 over `ramp` pixels."""
+def blend_window(height: int, width: int) -> torch.Tensor:
+    """[height, width] weights: a Gaussian centred on the tile, 1 at the centre, exp(-8) at the edges."""
 
-    def axis(n: int, ramp: float) -> torch.Tensor:
-        distance = torch.minimum(torch.arange(n) + 0.5, n - 0.5 - torch.arange(n))  # to the nearer edge
-        return (distance / max(ramp, 1.0)).clamp(EDGE_WEIGHT, 1.0)
+    def axis(n: int) -> torch.Tensor:
+        offset = torch.arange(n, dtype=torch.float32) - (n - 1) / 2
+        return torch.exp(-0.5 * (offset / (BLEND_SIGMA * n)) ** 2)
 
-    return axis(height, ramp_h)[:, None] * axis(width, ramp_w)[None, :]
+    return axis(height)[:, None] * axis(width)[None, :]
 
 
 def stitch(maps: torch.Tensor, grid: TileGrid, input_size: int) -> torch.Tensor:
@@ -107,24 +108,16 @@ def stitch(maps: torch.Tensor, grid: TileGrid, input_size: int) -> torch.Tensor:
     scale_h, scale_w = out_h / grid.height, out_w / grid.width
     total = torch.zeros(out_h, out_w, dtype=torch.float32, device=maps.device)
     weight = torch.zeros_like(total)
-    # the ramp spans the smallest overlap between neighbours (at least a quarter tile), in map pixels
-    ramp_h = _smallest_overlap(grid.tops, grid.tile_h, grid.tile_h / 4) * scale_h
-    ramp_w = _smallest_overlap(grid.lefts, grid.tile_w, grid.tile_w / 4) * scale_w
     for tile_map, (top, left) in zip(maps[:, 0].float(), grid.positions()):
         r0, c0 = round(top * scale_h), round(left * scale_w)
         r1, c1 = min(out_h, round((top + grid.tile_h) * scale_h)), min(out_w, round((left + grid.tile_w) * scale_w))
         if tile_map.shape != (r1 - r0, c1 - c0):
             tile_map = F.interpolate(tile_map[None, None], size=(r1 - r0, c1 - c0), mode="bilinear",
                                      align_corners=False)[0, 0]
-        window = blend_window(r1 - r0, c1 - c0, ramp_h, ramp_w).to(total.device)
+        window = blend_window(r1 - r0, c1 - c0).to(total.device)
         total[r0:r1, c0:c1] += window * tile_map
         weight[r0:r1, c0:c1] += window
     return total / weight
-
-
-def _smallest_overlap(starts: Sequence[int], tile: int, fallback: float) -> float:
-    overlaps = [tile - (b - a) for a, b in zip(starts, starts[1:])]
-    return float(min(overlaps)) if overlaps else fallback
 
 
 def stitch_batch(maps: torch.Tensor, scores: torch.Tensor, grids: Sequence[TileGrid],

@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .checkpoint import atomic_write_bytes
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -105,22 +107,23 @@ def wrap_for_training(model: nn.Module, device: torch.device) -> nn.Module:
 
 # --- one output file from several processes -----------------------------------------------
 
-def part_path(path: Path) -> Path:
-    """Where this process writes its share of `path`: `path` itself when alone."""
-    if world_size() == 1:
+def part_path(path: Path, part: int | None = None, parts: int | None = None) -> Path:
+    """Where process `part` of `parts` (default: this one) writes its share of `path`; `path` when alone."""
+    part, parts = rank() if part is None else part, world_size() if parts is None else parts
+    if parts == 1:
         return path
-    return path.with_name(f"{path.stem}.part{rank():03d}-of-{world_size():03d}{path.suffix}")
+    return path.with_name(f"{path.stem}.part{part:03d}-of-{parts:03d}{path.suffix}")
 
 
-def merge_jsonl_parts(path: Path, order: Sequence[str], key: str = "path") -> int:
+def merge_jsonl_parts(path: Path, order: Sequence[str], key: str = "path", parts: int | None = None) -> int:
     """On rank 0 after every part is written: join the parts of `path` into `path`, in `order`.
 
     Every record's `key` must be one of `order` and each must appear exactly once,
     so no input is lost or written twice; the parts are removed once `path` is complete.
     Returns the number of records.
     """
-    parts = [path.with_name(f"{path.stem}.part{r:03d}-of-{world_size():03d}{path.suffix}")
-             for r in range(world_size())]
+    parts = world_size() if parts is None else parts
+    parts = [part_path(path, r, parts) for r in range(parts)]
     records: dict[str, str] = {}
     for part in parts:
         for line in part.read_text().splitlines():
@@ -133,10 +136,7 @@ def merge_jsonl_parts(path: Path, order: Sequence[str], key: str = "path") -> in
     if missing or unexpected:
         raise RuntimeError(f"merging {path.name}: {len(missing)} inputs missing (first: {missing[:3]}), "
                            f"{len(unexpected)} unexpected (first: {unexpected[:3]})")
-    tmp = path.with_name(f".{path.name}.merging")
-    with open(tmp, "w") as out:
-        out.writelines(records[name] + "\n" for name in order)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, "".join(records[name] + "\n" for name in order).encode())
     for part in parts:
         part.unlink()
     return len(order)

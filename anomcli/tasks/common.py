@@ -45,6 +45,7 @@ def data_module_for(data_cfg: DictConfig, checkpoint: Checkpoint) -> FolderDataM
     `data=...` picks a whole data config; with the default (`from_checkpoint`) the
     checkpoint's own data config is used and any non-null field (data.root=...) overrides it.
     """
+    requested_tiling = data_cfg.get("tiling") or {}
     if data_cfg.get("_target_") is None:
         trained = checkpoint.config.get("data")
         if trained is None:
@@ -52,7 +53,7 @@ def data_module_for(data_cfg: DictConfig, checkpoint: Checkpoint) -> FolderDataM
         overrides = {k: v for k, v in OmegaConf.to_container(data_cfg).items() if v is not None and k != "tiling"}
         data_cfg = OmegaConf.merge(trained, overrides)
     with open_dict(data_cfg):
-        data_cfg.tiling = tiling_for(data_cfg.get("tiling") or {}, checkpoint)
+        data_cfg.tiling = tiling_for(requested_tiling, checkpoint)
     datamodule = instantiate(data_cfg)
     datamodule.prepare()
     return datamodule
