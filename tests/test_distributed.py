@@ -45,22 +45,16 @@ def test_merge_keeps_input_order_and_refuses_lost_or_doubled_records(tmp_path):
     path = tmp_path / "predictions.jsonl"
     order = ["a", "b", "c", "d"]
 
-    def write_parts(*parts):
-        for rank, names in enumerate(parts):
-            distributed.part_path(path, rank, len(parts)).write_text(
-                "".join(json.dumps({"path": n, "score": i}) + "\n" for i, n in enumerate(names)))
+    def part(*names):
+        return [json.dumps({"path": n, "score": i}) for i, n in enumerate(names)]
 
-    write_parts(["a", "c"], ["b", "d"])
-    assert distributed.merge_jsonl_parts(path, order, parts=2) == 4
+    assert distributed.write_merged(path, [part("a", "c"), part("b", "d")], order) == 4
     assert [json.loads(line)["path"] for line in path.read_text().splitlines()] == order
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions.jsonl"]  # parts removed
-
-    write_parts(["a", "c"], ["b", "c", "d"])
     with pytest.raises(RuntimeError, match="more than one process"):
-        distributed.merge_jsonl_parts(path, order, parts=2)
-    write_parts(["a"], ["b", "d"])
+        distributed.write_merged(path, [part("a", "c"), part("b", "c", "d")], order)
     with pytest.raises(RuntimeError, match="1 inputs missing"):
-        distributed.merge_jsonl_parts(path, order, parts=2)
+        distributed.write_merged(path, [part("a"), part("b", "d")], order)
+    assert [json.loads(line)["path"] for line in path.read_text().splitlines()] == order  # left as it was
 
 
 def test_only_train_and_infer_run_under_torchrun(monkeypatch, capsys):

@@ -107,29 +107,42 @@ def wrap_for_training(model: nn.Module, device: torch.device) -> nn.Module:
 
 # --- one output file from several processes -----------------------------------------------
 
-def part_path(path: Path, part: int | None = None, parts: int | None = None) -> Path:
-    """Where process `part` of `parts` (default: this one) writes its share of `path`; `path` when alone."""
-    part, parts = rank() if part is None else part, world_size() if parts is None else parts
-    if parts == 1:
+def part_path(path: Path) -> Path:
+    """Where this process writes its share of `path`; `path` itself when alone."""
+    if world_size() == 1:
         return path
-    return path.with_name(f"{path.stem}.part{part:03d}-of-{parts:03d}{path.suffix}")
+    return path.with_name(f"{path.stem}.part{rank():03d}-of-{world_size():03d}{path.suffix}")
 
 
-def merge_jsonl_parts(path: Path, order: Sequence[str], key: str = "path", parts: int | None = None) -> int:
-    """On rank 0 after every part is written: join the parts of `path` into `path`, in `order`.
+def merge_jsonl_parts(path: Path, order: Sequence[str], key: str = "path") -> None:
+    """Every process calls this once its part of `path` is complete; rank 0 writes `path`.
 
-    Every record's `key` must be one of `order` and each must appear exactly once,
-    so no input is lost or written twice; the parts are removed once `path` is complete.
-    Returns the number of records.
+    The parts travel through the process group, not the file system, so processes on
+    different machines need no shared folder for it. Each process removes its own part
+    once `path` is written; if the merge fails, the parts stay.
     """
-    parts = world_size() if parts is None else parts
-    parts = [part_path(path, r, parts) for r in range(parts)]
+    own = part_path(path)
+    lines = own.read_text().splitlines()
+    gathered: list[Any] | None = [None] * world_size() if is_main_process() else None
+    dist.gather_object(lines, gathered, dst=0)
+    if is_main_process():
+        write_merged(path, gathered, order, key)
+    barrier()
+    own.unlink()
+
+
+def write_merged(path: Path, parts: Sequence[Sequence[str]], order: Sequence[str], key: str = "path") -> int:
+    """Write the JSON lines of all `parts` into `path`, in `order` of their `key`; returns the count.
+
+    Every record's `key` must be one of `order` and each must appear exactly once, so no
+    input is lost or written twice.
+    """
     records: dict[str, str] = {}
-    for part in parts:
-        for line in part.read_text().splitlines():
+    for number, lines in enumerate(parts):
+        for line in lines:
             name = json.loads(line)[key]
             if name in records:
-                raise RuntimeError(f"{name} was written by more than one process ({part})")
+                raise RuntimeError(f"{name} was written by more than one process (again by process {number})")
             records[name] = line
     missing = [name for name in order if name not in records]
     unexpected = sorted(set(records) - set(order))
@@ -137,6 +150,4 @@ def merge_jsonl_parts(path: Path, order: Sequence[str], key: str = "path", parts
         raise RuntimeError(f"merging {path.name}: {len(missing)} inputs missing (first: {missing[:3]}), "
                            f"{len(unexpected)} unexpected (first: {unexpected[:3]})")
     atomic_write_bytes(path, "".join(records[name] + "\n" for name in order).encode())
-    for part in parts:
-        part.unlink()
     return len(order)

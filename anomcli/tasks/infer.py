@@ -70,9 +70,7 @@ def run(cfg: DictConfig) -> dict:
             counts["skipped"] += 1
 
     if distributed.world_size() > 1:
-        distributed.barrier()  # every part is complete
-        if distributed.is_main_process():
-            distributed.merge_jsonl_parts(predictions_path, [str(path) for path in files])
+        distributed.merge_jsonl_parts(predictions_path, [str(path) for path in files])
         counts = distributed.sum_over_processes(counts)
     summary = {**counts, "images": len(files), "threshold": threshold, "threshold_source": threshold_source,
                "predictions": str(predictions_path), "tiling": tiling}
