@@ -72,6 +72,10 @@ def test_torchrun_trains_and_shares_out_inference(tiny_coils, tmp_path):
     assert checkpoint.meta["trainer_step"] == 4
     assert checkpoint.meta["world_size"] == 2 and checkpoint.meta["effective_batch_size"] == 8
     assert "effective batch 8" in (runs[0] / "train.log").read_text()
+    # the other training path: images through the encoder every step, each process its share of an epoch
+    torchrun("train", *TRAIN, "trainer.max_steps=2", "trainer.cache_encoder=false", *tiny_data_overrides(tiny_coils),
+             f"hydra.run.dir={tmp_path / 'uncached'}", cwd=tmp_path)
+    assert load_checkpoint(tmp_path / "uncached" / "checkpoint").meta["trainer_step"] == 2
 
     # infer: every file scored by exactly one process, one predictions file, the single-process scores
     inputs = tmp_path / "in"
