@@ -37,7 +37,10 @@ def init_process_group() -> None:
     if dist.is_initialized() or not launched_distributed():
         return
     backend = "gloo"
-    if torch.cuda.is_available():
+    # NCCL needs a GPU of its own per process; with more processes than GPUs (device=cpu runs),
+    # every process uses gloo alone
+    processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if torch.cuda.is_available() and processes_here <= torch.cuda.device_count():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         backend = "cpu:gloo,cuda:nccl"
     dist.init_process_group(backend=backend)
