@@ -12,7 +12,6 @@ process (cuda:LOCAL_RANK).
 from __future__ import annotations
 
 import json
-import logging
 import os
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
@@ -23,7 +22,6 @@ from torch import nn
 
 from .checkpoint import atomic_write_bytes
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
