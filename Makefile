@@ -8,7 +8,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 DEMO := runs/demo
 
-.PHONY: setup demo test coils bench-quality clean
+.PHONY: setup demo test coils bench-quality bench-feedback clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,11 @@ test: setup
 # Dinomaly and PatchCore on MTD (../shared/data/mtd), one run; writes docs/BENCHMARKS.md (~40 min on 2 cores)
 bench-quality: setup
 	$(BIN)/python scripts/bench_quality.py
+
+# MTD split by acquisition group: false alarms on unseen conditions before and after one feedback
+# round; writes docs/BENCHMARKS.md (~25 min on 2 cores)
+bench-feedback: setup
+	$(BIN)/python scripts/bench_feedback.py
 
 coils: setup
 	$(BIN)/python scripts/make_coils.py --root .cache/coils

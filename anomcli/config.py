@@ -42,6 +42,7 @@ class FolderDataConfig:
     root: str = MISSING
     batch_size: int = 16
     num_workers: int = 2
+    extra_good: Optional[str] = None  # a folder of confirmed-good images trained on with train/good
     tiling: TilingConfig = field(default_factory=TilingConfig)
 
 
@@ -68,6 +69,7 @@ class DataFromCheckpointConfig:
     root: Optional[str] = None
     batch_size: Optional[int] = None
     num_workers: Optional[int] = None
+    extra_good: Optional[str] = None
     tiling: TilingFromCheckpointConfig = field(default_factory=TilingFromCheckpointConfig)
 
 

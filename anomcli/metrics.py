@@ -15,6 +15,10 @@ The false-positive-rate threshold uses the split-conformal quantile (Vovk et al.
 "Algorithmic Learning in a Random World", 2005; Angelopoulos & Bates, "A Gentle
 Introduction to Conformal Prediction", 2021).
 
+Confidence bounds on recall and FPR are exact binomial (Clopper & Pearson,
+"The use of confidence or fiducial limits illustrated in the case of the
+binomial", Biometrika 1934), one-sided.
+
 Only numpy, scipy and scikit-learn are used, so the module works without torch.
 """
 
@@ -24,7 +28,7 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, stats
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 # 8-connectivity: diagonal neighbours belong to the same defect region, as in the
@@ -250,6 +254,52 @@ def threshold_for_fpr(good_scores, alpha: float) -> tuple[float, int, float]:
         )
     kth_smallest = good_scores[k - 1]
     return float(np.nextafter(kth_smallest, np.inf)), int(n), float(min_alpha)
+
+
+def clopper_pearson_lower(successes: int, trials: int, confidence: float = 0.95) -> float:
+    """One-sided exact lower bound on a binomial rate: P(true rate >= bound) >= ``confidence``.
+
+    With ``k`` successes in ``n`` trials it is the ``1 - confidence`` quantile of
+    Beta(k, n - k + 1); 0 when k = 0.
+    """
+    _check_binomial(successes, trials, confidence)
+    if successes == 0:
+        return 0.0
+    return float(stats.beta.ppf(1 - confidence, successes, trials - successes + 1))
+
+
+def clopper_pearson_upper(successes: int, trials: int, confidence: float = 0.95) -> float:
+    """One-sided exact upper bound on a binomial rate: P(true rate <= bound) >= ``confidence``.
+
+    With ``k`` successes in ``n`` trials it is the ``confidence`` quantile of
+    Beta(k + 1, n - k); 1 when k = n.
+    """
+    _check_binomial(successes, trials, confidence)
+    if successes == trials:
+        return 1.0
+    return float(stats.beta.ppf(confidence, successes + 1, trials - successes))
+
+
+def _check_binomial(successes: int, trials: int, confidence: float) -> None:
+    if trials < 1 or not 0 <= successes <= trials:
+        raise ValueError(f"need 0 <= successes <= trials and trials >= 1, got {successes} of {trials}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+
+
+def operating_point_bounds(point: dict, confidence: float = 0.95) -> dict:
+    """One-sided Clopper-Pearson bounds for an ``operating_point`` result.
+
+    ``recall_lower``: the recall is at least this with probability ``confidence``;
+    ``fpr_upper``: the FPR is at most this. None where the point has no such images.
+    """
+    return {
+        "confidence": float(confidence),
+        "recall_lower": clopper_pearson_lower(point["tp"], point["n_defective"], confidence)
+        if point["n_defective"] else None,
+        "fpr_upper": clopper_pearson_upper(point["fp"], point["n_good"], confidence)
+        if point["n_good"] else None,
+    }
 
 
 # ---------------------------------------------------------------------------

@@ -197,3 +197,80 @@ def save_overlay(
     out_path = Path(path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(rendered).save(out_path, format="PNG")
+
+
+# Score histogram: good in blue, defective in orange (distinguishable by colour-blind
+# viewers), the threshold as a red vertical line.
+HISTOGRAM_GOOD_COLOR = (70, 130, 200)
+HISTOGRAM_DEFECTIVE_COLOR = (240, 150, 40)
+HISTOGRAM_THRESHOLD_COLOR = (210, 30, 30)
+
+
+def save_score_histogram(
+    path: str | os.PathLike,
+    good_scores: np.ndarray,
+    defective_scores: np.ndarray,
+    threshold: float | None = None,
+    bins: int = 40,
+    size: tuple[int, int] = (720, 400),
+) -> None:
+    """Write a PNG histogram of good vs defective image scores, with the threshold drawn.
+
+    Each class is normalised to its own count (share of images per bin), so a
+    class with few images stays visible next to a large one; bars of the two
+    classes sit side by side within a bin.
+    """
+    from PIL import ImageDraw, ImageFont
+
+    good = np.asarray(good_scores, dtype=np.float64)
+    defective = np.asarray(defective_scores, dtype=np.float64)
+    every = np.concatenate([good, defective, [] if threshold is None else [threshold]])
+    if every.size == 0:
+        raise ValueError("no scores to draw")
+    low, high = float(every.min()), float(every.max())
+    if high <= low:
+        low, high = low - 0.5, high + 0.5
+    edges = np.linspace(low, high, bins + 1)
+    shares = [np.histogram(s, edges)[0] / max(s.size, 1) for s in (good, defective)]
+    tallest = max(float(max(share.max() for share in shares)), 1e-12)
+
+    width, height = size
+    left, right, top, bottom = 60, 20, 40, 50
+    plot_w, plot_h = width - left - right, height - top - bottom
+    canvas = Image.new("RGB", size, (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+
+    def x_of(score: float) -> float:
+        return left + (score - low) / (high - low) * plot_w
+
+    bin_w = plot_w / bins
+    for offset, share, colour in ((0.0, shares[0], HISTOGRAM_GOOD_COLOR),
+                                  (0.5, shares[1], HISTOGRAM_DEFECTIVE_COLOR)):
+        for b, value in enumerate(share):
+            if value > 0:
+                x0 = left + (b + offset) * bin_w
+                draw.rectangle([x0, top + plot_h * (1 - value / tallest), x0 + bin_w / 2 - 1, top + plot_h],
+                               fill=colour)
+    draw.line([left, top + plot_h, left + plot_w, top + plot_h], fill=(0, 0, 0))
+    draw.line([left, top, left, top + plot_h], fill=(0, 0, 0))
+    for tick in np.linspace(low, high, 5):
+        x = x_of(tick)
+        draw.line([x, top + plot_h, x, top + plot_h + 4], fill=(0, 0, 0))
+        draw.text((x - 18, top + plot_h + 8), f"{tick:.4g}", fill=(0, 0, 0), font=font)
+    draw.text((left + plot_w / 2 - 30, height - 20), "image score", fill=(0, 0, 0), font=font)
+    draw.text((4, top - 14), f"share (max {tallest:.2f})", fill=(0, 0, 0), font=font)
+    legend = [(HISTOGRAM_GOOD_COLOR, f"good (n={good.size})"),
+              (HISTOGRAM_DEFECTIVE_COLOR, f"defective (n={defective.size})")]
+    if threshold is not None:
+        x = x_of(threshold)
+        draw.line([x, top, x, top + plot_h], fill=HISTOGRAM_THRESHOLD_COLOR, width=2)
+        legend.append((HISTOGRAM_THRESHOLD_COLOR, f"threshold {threshold:.4g}"))
+    for i, (colour, text) in enumerate(legend):
+        x = left + 10 + i * 200
+        draw.rectangle([x, 12, x + 12, 24], fill=colour)
+        draw.text((x + 18, 12), text, fill=(0, 0, 0), font=font)
+
+    out_path = Path(path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(out_path, format="PNG")

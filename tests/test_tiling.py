@@ -15,7 +15,7 @@ from anomcli.data.datamodule import FolderDataModule, Sample, TilingError
 from anomcli.data.tiling import RandomTileDataset, TileGrid, axis_positions, stitch
 from anomcli.engine.checkpoint import load_checkpoint
 from anomcli.engine.evaluate import predict
-from anomcli.tasks import train, validate
+from anomcli.tasks import threshold, train, validate
 
 from .helpers import compose_task
 
@@ -138,6 +138,18 @@ def test_train_validate_infer_with_tiles(train_cfg, tiny_coils, tmp_path):
     assert metrics["counts"]["scored"] == 18 and "pixel" in metrics
     heatmap = Image.open(tmp_path / "validate" / "heatmaps" / "dent" / "000.png")
     assert heatmap.size == (96, 64)
+
+    # synthetic defects are scored in tiles too; validate's false-positive report pools tile features
+    cfg = compose_task("threshold", [f"ckpt={checkpoint}", "method=synthetic", "synthetic.per_image=1",
+                                     "target_recall=0.5", "device=cpu"])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "threshold")
+    assert np.isfinite(threshold.run(cfg)["threshold"])
+    cfg = compose_task("validate", [f"ckpt={checkpoint}", "heatmaps=none", "device=cpu"])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "validate-again")
+    report = validate.run(cfg)["false_positives"]
+    assert report["flagged"] is not None
 
     from anomcli.tasks.common import data_module_for
     loaded = load_checkpoint(checkpoint)

@@ -106,8 +106,10 @@ class FolderDataModule:
     """An MVTec-AD layout folder: train split of good images, test split with defect types and masks."""
 
     def __init__(self, root: str, name: str = "folder", batch_size: int = 16, num_workers: int = 2,
-                 tiling: dict | None = None):
+                 extra_good: str | None = None, tiling: dict | None = None):
         self.root = Path(root).expanduser()
+        # confirmed-good images from elsewhere (e.g. reviewed false alarms) that train alongside train/good
+        self.extra_good = Path(extra_good).expanduser() if extra_good else None
         self.name = name
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -122,9 +124,12 @@ class FolderDataModule:
             raise DatasetLayoutError(
                 f"{self.root} has no images in train/good/: a dataset needs the MVTec AD layout "
                 "train/good/, test/good/, test/<defect>/, ground_truth/<defect>/<name>_mask.png")
+        if self.extra_good is not None and (not self.extra_good.is_dir() or not list_images(self.extra_good)):
+            raise DatasetLayoutError(f"data.extra_good={self.extra_good} is not a folder with images")
 
     def train_samples(self) -> list[Sample]:
-        return [Sample(p, 0, GOOD) for p in list_images(self.root / "train" / GOOD)]
+        extra = list_images(self.extra_good) if self.extra_good is not None else []
+        return [Sample(p, 0, GOOD) for p in [*list_images(self.root / "train" / GOOD), *extra]]
 
     def test_samples(self) -> list[Sample]:
         test = self.root / "test"
@@ -191,8 +196,9 @@ class CoilsDataModule(FolderDataModule):
 
     def __init__(self, root: str = ".cache/coils", name: str = "coils", batch_size: int = 16,
                  num_workers: int = 2, seed: int = 0, n_train: int = 200, n_test_good: int = 40,
-                 n_test_per_defect: int = 10, height: int = 256, width: int = 256, tiling: dict | None = None):
-        super().__init__(root, name, batch_size, num_workers, tiling)
+                 n_test_per_defect: int = 10, height: int = 256, width: int = 256, extra_good: str | None = None,
+                 tiling: dict | None = None):
+        super().__init__(root, name, batch_size, num_workers, extra_good, tiling)
         self.generator_args = dict(seed=seed, n_train=n_train, n_test_good=n_test_good,
                                    n_test_per_defect=n_test_per_defect, height=height, width=width)
 

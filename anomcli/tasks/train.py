@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
 from ..data.datamodule import endless_batches
 from ..engine import distributed
@@ -36,7 +36,10 @@ def run(cfg: DictConfig) -> dict:
     if not distributed.is_main_process():
         datamodule.prepare()
     model, model_cfg, resume_from = _model_to_train(cfg, checkpoint_dir)
-    saved_cfg = OmegaConf.merge(cfg, {"model": model_cfg})
+    # replaced, not merged: a checkpoint's model need not fit the schema of the default model/encoder
+    saved_cfg = cfg.copy()
+    with open_dict(saved_cfg):
+        saved_cfg.model = model_cfg
     encoder_pretrained = bool(model_cfg.encoder.pretrained)
     warn_if_random_encoder(encoder_pretrained)
 

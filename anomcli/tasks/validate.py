@@ -1,17 +1,27 @@
-"""`anom validate`: score a labelled test split; metrics.json, scores.csv and heatmap overlays."""
+"""`anom validate`: score a labelled test split; metrics.json, scores.csv, heatmap overlays, and a
+false-positive report (false_positives/) that says, for each flagged good image, how far it lies from
+the nearest training image in the encoder's feature space."""
 
 from __future__ import annotations
 
 import logging
+import shutil
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 from rich.table import Table
 
 from .. import metrics
+from ..data.datamodule import DatasetLayoutError
 from ..engine.checkpoint import atomic_write_json
+from ..engine.evaluate import encoder_embeddings
+from ..engine.fit import resolve_device
 from ..engine.progress import results
+from ..visualize import save_score_histogram
 from .common import map_scale, mask_at, output_dir, score_test_split, write_csv, write_heatmap
 
 log = logging.getLogger(__name__)
@@ -19,7 +29,8 @@ log = logging.getLogger(__name__)
 
 def run(cfg: DictConfig) -> dict:
     run_dir = output_dir(cfg)
-    checkpoint, _, samples, predictions = score_test_split(cfg, keep_maps=True, description="validate")
+    checkpoint, datamodule, samples, predictions = score_test_split(cfg, keep_maps=True, description="validate")
+    model = checkpoint.model
 
     scored = predictions.scored_indices()
     labels = np.array([samples[i].label for i in scored])
@@ -37,7 +48,6 @@ def run(cfg: DictConfig) -> dict:
         result["pixel"] = pixel
     if threshold is not None:
         result["operating_point"] = metrics.operating_point(labels, scores, threshold)
-    atomic_write_json(run_dir / "metrics.json", result)
 
     write_csv(run_dir / "scores.csv", ["path", "defect_type", "label", "score"],
               ([str(samples[i].path), samples[i].defect_type, samples[i].label, f"{predictions.scores[i]:.6f}"]
@@ -52,8 +62,112 @@ def run(cfg: DictConfig) -> dict:
                               sample, predictions.maps[i], scale, draw_mask=True)
     for index, reason in predictions.errors.items():
         log.warning("could not score %s: %s", samples[index].path, reason)
+    if cfg.false_positives.enabled:
+        result["false_positives"] = _false_positive_report(cfg, run_dir / "false_positives", checkpoint,
+                                                           datamodule, samples, scored, labels, scores,
+                                                           predictions, threshold, result["per_defect"])
+    atomic_write_json(run_dir / "metrics.json", result)
     _print_summary(result, run_dir)
     return result
+
+
+def _false_positive_report(cfg, folder: Path, checkpoint, datamodule, samples, scored, labels, scores,
+                           predictions, threshold, per_defect) -> dict:
+    """false_positives/: score histogram, and each flagged good image with its heatmap and its
+    distance to the nearest training image, against the distances among training images themselves."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_score_histogram(folder / "score_histogram.png", scores[labels == 0], scores[labels == 1], threshold)
+    summary = {"threshold": threshold, "n_good": int((labels == 0).sum()),
+               "recall_per_defect": {k: v["recall"] for k, v in per_defect.items()}, "flagged": []}
+    if threshold is None:
+        summary["note"] = "no threshold.json in the checkpoint: run `anom threshold` to list false positives"
+        atomic_write_json(folder / "report.json", summary)
+        return {"flagged": None, "folder": str(folder)}
+    flagged = [i for i, label, score in zip(scored, labels, scores) if label == 0 and score >= threshold]
+    summary["n_flagged"] = len(flagged)
+    if flagged:
+        summary.update(_nearest_training_images(cfg, checkpoint, datamodule, samples, flagged))
+        scale = map_scale(checkpoint)
+        for i, entry in zip(flagged, summary["flagged"]):
+            sample = samples[i]
+            entry["score"] = predictions.scores[i]
+            name = f"{sample.path.stem}{sample.path.suffix}"
+            shutil.copyfile(sample.path, _make_parent(folder / "images" / name))
+            write_heatmap(folder / "heatmaps" / f"{sample.path.stem}.png", sample, predictions.maps[i], scale)
+        write_csv(folder / "flagged.csv", ["path", "score", "nearest_train_distance", "nearest_train_image",
+                                           "unlike_training"],
+                  ([e["path"], f"{e['score']:.6f}", _fmt(e["nearest_train_distance"]),
+                    e["nearest_train_image"], e["unlike_training"]] for e in summary["flagged"]))
+    atomic_write_json(folder / "report.json", summary)
+    unlike = sum(e["unlike_training"] for e in summary["flagged"])
+    log.info("%d good images flagged (%d unlike every training image); report in %s", len(flagged), unlike, folder)
+    return {"flagged": len(flagged), "unlike_training": unlike, "folder": str(folder)}
+
+
+def _training_data(checkpoint, validation_data):
+    """The data the checkpoint was trained on (extra good images included), where it still exists;
+    else the training split of the data being validated."""
+    trained = checkpoint.config.get("data")
+    try:
+        if trained is None:
+            raise DatasetLayoutError("the checkpoint records no data config")
+        training_data = instantiate(trained)
+        training_data.prepare()
+        return training_data
+    except (DatasetLayoutError, FileNotFoundError, FileExistsError, InstantiationException) as error:
+        log.warning("comparing flagged images with %s/train/good: the training data is not available (%s)",
+                    validation_data.root, error)
+        return validation_data
+
+
+def _fmt(value: float | None) -> str:
+    return "" if value is None else f"{value:.6f}"
+
+
+def _make_parent(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _nearest_training_images(cfg, checkpoint, datamodule, samples, flagged) -> dict:
+    """Cosine distances in encoder-feature space from each flagged image to its nearest training image.
+
+    The reference is how far each training image lies from its own nearest other training
+    image: a flagged image farther than the `unlike_quantile` of those is unlike the training
+    set (new conditions: add it as good), one closer is like it (the model is wrong there).
+    """
+    device = resolve_device(cfg.device)
+    model = checkpoint.model
+    datamodule = _training_data(checkpoint, datamodule)
+    train = datamodule.train_samples()
+    train = train[:: max(1, -(-len(train) // cfg.false_positives.max_train_images))]
+    train_vectors = encoder_embeddings(model, datamodule.loader(train, model.input_size), device,
+                                       description="training features")
+    train_index = sorted(train_vectors)
+    train_matrix = np.stack([train_vectors[i] for i in train_index])  # [T, D], unit rows
+    query_vectors = encoder_embeddings(model, datamodule.loader([samples[i] for i in flagged], model.input_size),
+                                       device, description="flagged features")
+
+    among_train = 1.0 - train_matrix @ train_matrix.T  # [T, T] cosine distances
+    np.fill_diagonal(among_train, np.inf)
+    train_nearest = among_train.min(axis=1) if len(train_index) > 1 else np.zeros(1)
+    limit = float(np.quantile(train_nearest, cfg.false_positives.unlike_quantile))
+    entries = []
+    for position, i in enumerate(flagged):
+        vector = query_vectors.get(position)
+        if vector is None:
+            entries.append({"path": str(samples[i].path), "nearest_train_distance": None,
+                            "nearest_train_image": "", "unlike_training": False})
+            continue
+        distances = 1.0 - train_matrix @ vector
+        nearest = int(np.argmin(distances))
+        entries.append({"path": str(samples[i].path), "nearest_train_distance": float(distances[nearest]),
+                        "nearest_train_image": str(train[train_index[nearest]].path),
+                        "unlike_training": bool(distances[nearest] > limit)})
+    return {"flagged": entries, "distance": "cosine, encoder taps averaged over tokens",
+            "train_root": str(datamodule.root), "train_images_compared": len(train_index),
+            "train_nearest_distance": {"median": float(np.median(train_nearest)),
+                                       "quantile": cfg.false_positives.unlike_quantile, "at_quantile": limit}}
 
 
 def _per_defect(samples, scored, labels, scores, threshold) -> dict:
@@ -91,4 +205,7 @@ def _print_summary(result: dict, run_dir) -> None:
     for level in ("image", "pixel", "operating_point"):
         for name, value in result.get(level, {}).items():
             table.add_row(f"{level}.{name}", "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value))
+    report = result.get("false_positives")
+    if report and report["flagged"] is not None:
+        table.add_row("good images flagged", f"{report['flagged']} ({report['unlike_training']} unlike training)")
     results.print(table)
