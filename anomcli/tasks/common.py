@@ -9,7 +9,7 @@ from typing import Iterable
 
 import numpy as np
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from ..data.datamodule import FolderDataModule, Sample
 from ..data.image_io import ImageReadError, load_image, load_mask
@@ -52,8 +52,7 @@ def data_module_for(data_cfg: DictConfig, checkpoint: Checkpoint) -> FolderDataM
             raise UsageError("the checkpoint records no data config: pick one with data=<name>")
         overrides = {k: v for k, v in OmegaConf.to_container(data_cfg).items() if v is not None and k != "tiling"}
         data_cfg = OmegaConf.merge(trained, overrides)
-    with open_dict(data_cfg):
-        data_cfg.tiling = tiling_for(requested_tiling, checkpoint)
+    data_cfg = OmegaConf.merge(data_cfg, {"tiling": tiling_for(requested_tiling, checkpoint)})
     datamodule = instantiate(data_cfg)
     datamodule.prepare()
     return datamodule
