@@ -145,7 +145,8 @@ def run_task(task: str, cfg) -> int:
         cause = error.__cause__ if isinstance(error, InstantiationException) and error.__cause__ else error
         for kinds, code in exit_codes:
             if isinstance(cause, kinds):
-                log.error("%s", cause)
+                where = getattr(cause, "path", None) if isinstance(cause, ImageReadError) else None
+                log.error("%s%s", f"{where}: " if where else "", cause)
                 return code
         raise
     return EXIT_OK

@@ -179,14 +179,33 @@ class TrainerConfig:
     cache_encoder_gib: float = 4.0
 
 
+# --- tasks --------------------------------------------------------------------
+
+@dataclass
+class InferConfig:
+    """`anom infer`: typed, so `batch_size=abc` or `resume=maybe` fails before any work."""
+
+    task_name: str = "infer"
+    ckpt: str = MISSING
+    input: str = MISSING
+    threshold: Optional[float] = None
+    heatmaps: str = "flagged"
+    batch_size: int = 16
+    num_workers: int = 2
+    device: str = "auto"
+    resume: bool = False
+    data: InferDataConfig = field(default_factory=InferDataConfig)
+    paths: Any = None
+
+
 SCHEMAS = {
     "data": {"folder": FolderDataConfig, "coils": CoilsDataConfig, "from_checkpoint": DataFromCheckpointConfig},
-    "infer": {"data": InferDataConfig},
     "model/encoder": {"vit": ViTEncoderConfig, "cnn": CNNEncoderConfig},
     "model/bottleneck": {"noisy_mlp": NoisyMLPConfig},
     "model/decoder": {"transformer": TransformerDecoderConfig},
     "model": {"dinomaly": DinomalyConfig, "patchcore": PatchCoreConfig},
     "trainer": {"trainer": TrainerConfig},
+    "task": {"infer": InferConfig},
 }
 
 

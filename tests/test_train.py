@@ -113,7 +113,7 @@ def _fit_steps(model, batches, tmp_path, steps=3):
     trainer = OmegaConf.structured(TrainerConfig(max_steps=steps, warmup_steps=1, save_every=100))
     folder = tmp_path / "checkpoint"
     folder.mkdir(parents=True)
-    fit(model, batches, trainer, device=torch.device("cpu"), save=lambda step: folder)
+    fit(model, batches, trainer, device=torch.device("cpu"), save=lambda step, *training_state: folder)
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 

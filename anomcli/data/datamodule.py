@@ -19,7 +19,7 @@ from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .image_io import ImageReadError, list_images, load_image
 from .tiling import RandomTileDataset, TiledImageDataset, collate_tiles
@@ -147,29 +147,58 @@ class FolderDataModule:
         return samples
 
     def loader(self, samples: Sequence[Sample], input_size: int, *, shuffle: bool = False,
-               batch_size: int | None = None, seed: int = 0, rank: int = 0, world_size: int = 1) -> DataLoader:
-        """shuffle: a training loader. rank, world_size: this process's share of a shuffled
-        loader under torchrun (each epoch a new seeded permutation, split without overlap)."""
+               batch_size: int | None = None, seed: int = 0, start_batch: int = 0, rank: int = 0,
+               world_size: int = 1) -> DataLoader:
+        """Batches in order; with shuffle, the endless training stream of ShuffledBatches
+        (under torchrun, this process's share of it: rank of world_size)."""
         batch_size = batch_size or self.batch_size
         dataset, collate_fn = ImageDataset(samples, input_size), collate
         if self.tiling.enabled and shuffle:
-            dataset = RandomTileDataset(samples, input_size, self.tiling.tile)
+            dataset = RandomTileDataset(samples, input_size, self.tiling.tile, seed=seed)
         elif self.tiling.enabled:
             # one image's tiles already fill a forward pass: batch_size counts tiles, an image is a batch
             dataset = TiledImageDataset(samples, input_size, self.tiling.tile, self.tiling.overlap,
                                         tiles_per_forward=batch_size)
             collate_fn, batch_size = collate_tiles, 1
-        sampler = None
-        if shuffle and world_size > 1:
-            sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
-                                         drop_last=len(samples) >= world_size)
-        return DataLoader(
-            dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-            drop_last=shuffle and len(samples) >= batch_size * world_size, num_workers=self.num_workers,
-            collate_fn=collate_fn, pin_memory=torch.cuda.is_available(),
-            # training cycles over epochs: keep workers alive instead of re-spawning them each epoch
-            persistent_workers=shuffle and self.num_workers > 0,
-            generator=torch.Generator().manual_seed(seed))
+        # worker seeds come from this generator, not the global one, so starting a loader leaves the
+        # dropout random stream as it was (a resumed run must draw the noise an uninterrupted one drew)
+        options = dict(num_workers=self.num_workers, collate_fn=collate_fn, pin_memory=torch.cuda.is_available(),
+                       generator=torch.Generator().manual_seed(seed))
+        if shuffle:
+            batches = ShuffledBatches(len(samples), batch_size, seed, start_batch, rank=rank, world_size=world_size)
+            return DataLoader(dataset, batch_sampler=batches, **options)
+        return DataLoader(dataset, batch_size=batch_size, **options)
+
+
+class ShuffledBatches(Sampler[list[int]]):
+    """Endless training batches, a new shuffle each epoch, that can start at any batch.
+
+    Epoch e's order depends only on (seed, e), so a run resumed at batch k draws
+    the batches an uninterrupted run would have drawn from k on, with no
+    generator state to save. As with drop_last, an epoch's incomplete last
+    batch is dropped unless it is the epoch's only one. Under torchrun every
+    process shuffles alike and takes every world_size-th image of the order from
+    its rank on, so the processes share each epoch without overlap.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int = 0, start_batch: int = 0, *, rank: int = 0,
+                 world_size: int = 1):
+        self.size, self.batch_size, self.seed, self.start_batch = size, batch_size, seed, start_batch
+        self.rank, self.world_size = rank, world_size
+        share = len(range(rank, size, world_size))  # this process's images per epoch
+        self.batches_per_epoch = max(1, share // batch_size)
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.size, generator=generator).tolist()[self.rank::self.world_size]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch, skip = divmod(self.start_batch, self.batches_per_epoch)
+        while True:
+            order = self.epoch_order(epoch)
+            for batch in range(skip, self.batches_per_epoch):
+                yield order[batch * self.batch_size:(batch + 1) * self.batch_size]
+            epoch, skip = epoch + 1, 0
 
 
 def readable_batches(loader: DataLoader) -> Iterator[dict]:
@@ -182,13 +211,9 @@ def readable_batches(loader: DataLoader) -> Iterator[dict]:
 
 
 def endless_batches(loader: DataLoader) -> Iterator[dict]:
-    """Cycle over a shuffled loader epoch after epoch, skipping batches with no readable image."""
-    epoch = 0
+    """The readable batches of a shuffled (endless) loader; batches with no readable image are skipped."""
     while True:
-        if isinstance(loader.sampler, DistributedSampler):
-            loader.sampler.set_epoch(epoch)  # a new permutation each epoch, the same on every process
         yield from readable_batches(loader)
-        epoch += 1
 
 
 class CoilsDataModule(FolderDataModule):

@@ -317,6 +317,30 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = None) -> np.nda
         raise ImageReadError(f"unsupported colour mode {image.mode} ({error})", file_path) from None
 
 
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """``(height, width)`` as ``load_image`` returns it, read from the header only.
+
+    Raises:
+        ImageReadError: as ``load_image`` does for files it cannot open or identify.
+    """
+    file_path = Path(path)
+    with _open_regular_file(file_path) as handle:
+        try:
+            with _pillow_pixel_limit(None):
+                image = Image.open(handle)  # reads the header only
+        except UnidentifiedImageError:
+            raise ImageReadError(_unrecognised_reason(handle), file_path) from None
+        except _DECODE_ERRORS as error:
+            raise ImageReadError(f"unreadable image header ({error})", file_path) from None
+        width, height = image.size
+        try:
+            orientation = image.getexif().get(0x0112, 1)
+        except _DECODE_ERRORS:
+            orientation = 1
+    # EXIF orientations 5-8 turn the image by 90 degrees; load_image applies them
+    return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
+
+
 def load_mask(
     path: str | os.PathLike, size: tuple[int, int] | None = None
 ) -> np.ndarray:

@@ -171,11 +171,17 @@ def collate_tiles(items: list[dict]) -> dict:
 
 
 class RandomTileDataset(Dataset):
-    """Training: one tile at a random position of each image, resized to the model's input."""
+    """Training: one tile at a random position of each image, resized to the model's input.
 
-    def __init__(self, samples, input_size: int, tile: int):
+    Positions come from a generator of the dataset's own (each loader worker has a copy), so
+    drawing them leaves the global random stream, which draws the bottleneck noise, untouched.
+    A resumed run draws new positions.
+    """
+
+    def __init__(self, samples, input_size: int, tile: int, seed: int = 0):
         self.samples = list(samples)
         self.input_size, self.tile = input_size, tile
+        self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -187,9 +193,8 @@ class RandomTileDataset(Dataset):
             return {"index": index, "image": None, "error": str(error), "size": None}
         height, width = image.shape[:2]
         tile_h, tile_w = min(self.tile, height), min(self.tile, width)
-        # torch's generator: seeded by the trainer in the main process and per worker by the DataLoader
-        top = int(torch.randint(height - tile_h + 1, ()))
-        left = int(torch.randint(width - tile_w + 1, ()))
+        top = int(torch.randint(height - tile_h + 1, (), generator=self.generator))
+        left = int(torch.randint(width - tile_w + 1, (), generator=self.generator))
         grid = TileGrid(height, width, tile_h, tile_w, (top,), (left,))
         return {"index": index, "image": cut_tiles(image, grid, self.input_size)[0], "error": None,
                 "size": (tile_h, tile_w)}

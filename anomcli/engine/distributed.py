@@ -82,13 +82,14 @@ def broadcast_from_main(value: T) -> T:
     return box[0]
 
 
-def sum_over_processes(counts: dict[str, int]) -> dict[str, int]:
-    """Add integer counters across processes; every process gets the totals."""
+def sum_over_processes(counts: dict[str, Any]) -> dict[str, Any]:
+    """Add counters (numbers) and join lists across processes, in rank order; every process gets the totals."""
     if not dist.is_initialized():
         return dict(counts)
     gathered: list[Any] = [None] * world_size()
     dist.all_gather_object(gathered, counts)
-    return {key: sum(part[key] for part in gathered) for key in counts}
+    return {key: sum((part[key] for part in gathered), [] if isinstance(value, list) else 0)
+            for key, value in counts.items()}
 
 
 def shard(items: Sequence[T]) -> list[T]:

@@ -8,7 +8,7 @@ from typing import Iterator
 
 import torch
 
-from ..data.datamodule import readable_batches
+from ..data.datamodule import ShuffledBatches, readable_batches
 from .progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -40,14 +40,11 @@ def encode_training_set(model: torch.nn.Module, loader, *, device: torch.device,
     return [torch.cat(per_tap) for per_tap in zip(*chunks)]
 
 
-def endless_tap_batches(taps: list[torch.Tensor], batch_size: int, *, seed: int) -> Iterator[dict]:
-    """Shuffled batches of cached taps, epoch after epoch, dropping the last partial batch
-    (as the image loader does) so every step sees a full batch."""
+def endless_tap_batches(taps: list[torch.Tensor], batch_size: int, *, seed: int,
+                        start_batch: int = 0) -> Iterator[dict]:
+    """Shuffled batches of cached taps, epoch after epoch, from batch `start_batch` on, in the order
+    the image loader draws (ShuffledBatches: a resumed run sees what an uninterrupted one saw)."""
     num_images = taps[0].shape[0]
-    batch_size = min(batch_size, num_images)
-    generator = torch.Generator().manual_seed(seed)
-    while True:
-        order = torch.randperm(num_images, generator=generator).to(taps[0].device)
-        for start in range(0, num_images - batch_size + 1, batch_size):
-            index = order[start:start + batch_size]
-            yield {"taps": [t[index] for t in taps]}
+    for indices in ShuffledBatches(num_images, min(batch_size, num_images), seed, start_batch):
+        index = torch.tensor(indices, device=taps[0].device)
+        yield {"taps": [t[index] for t in taps]}

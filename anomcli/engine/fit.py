@@ -16,8 +16,7 @@ from ..data.datamodule import readable_batches
 from ..model.losses import global_cosine_loss, hard_mining_fraction
 from .optim import StableAdamW, build_scheduler
 from .progress import progress_bar
-from .checkpoint import load_training_state, save_training_state
-from .distributed import is_main_process
+from .checkpoint import load_training_state
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +58,11 @@ def build_memory_bank(model: torch.nn.Module, loader, *, device: torch.device,
 
 
 def fit(model: torch.nn.Module, batches, trainer, *, device: torch.device,
-        save: Callable[[int], Path], resume_from: Path | None = None) -> FitResult:
+        save: Callable[..., Path], resume_from: Path | None = None) -> FitResult:
     """Train the decoder side of a reconstruction model for `trainer.max_steps` steps.
 
     batches: an endless iterator of {"images": [B, 3, S, S]} or of {"taps": the model's encoder taps}.
-    save(step): writes a checkpoint and returns its folder; the loop adds the optimiser state.
-        Under torchrun only rank 0 saves; `model` is then wrapped in DistributedDataParallel.
+    save(step, optimizer, scheduler): writes a checkpoint with the training state and returns its folder.
     resume_from: a checkpoint folder whose training state to continue.
     """
     model.to(device).train()
@@ -106,11 +104,10 @@ def fit(model: torch.nn.Module, batches, trainer, *, device: torch.device,
                 loss_value = loss.item()
                 speed = images_seen / max(time.perf_counter() - started, 1e-9)
                 bar.update(task, completed=step, loss=loss_value, speed=speed)
-            if step % trainer.save_every == 0 and step < trainer.max_steps and is_main_process():
-                save_training_state(save(step), optimizer, scheduler, step)
+            if step % trainer.save_every == 0 and step < trainer.max_steps:
+                save(step, optimizer, scheduler)
                 # a line in the log too: the bar is invisible when output goes to a file
                 log.info("step %d/%d loss %.4f, checkpoint saved", step, trainer.max_steps, loss.item())
-    if is_main_process():
-        save_training_state(save(step), optimizer, scheduler, step)
+    save(step, optimizer, scheduler)
     loss_value = loss_value if math.isfinite(loss_value) else float("nan")
     return FitResult(step, loss_value, time.perf_counter() - started, images_seen)

@@ -11,8 +11,8 @@ import numpy as np
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ..data.datamodule import FolderDataModule, Sample
-from ..data.image_io import ImageReadError, load_image, load_mask
+from ..data.datamodule import DatasetLayoutError, FolderDataModule, Sample
+from ..data.image_io import ImageReadError, image_size, load_image, load_mask
 from ..engine.checkpoint import Checkpoint, load_checkpoint
 from ..engine.evaluate import Predictions, predict
 from ..engine.fit import resolve_device
@@ -29,6 +29,18 @@ def output_dir(cfg: DictConfig) -> Path:
     path = Path(cfg.paths.output_dir)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def safe_output_path(base: Path, relative: Path) -> Path:
+    """`base / relative`, refused when it would land outside `base` (absolute, `..`, a link leading out).
+
+    Output names come from input file names, which this run does not control.
+    """
+    target = base / relative
+    if relative.is_absolute() or ".." in relative.parts or \
+            not target.resolve().is_relative_to(base.resolve()):
+        raise UsageError(f"refusing to write {target}: the name {str(relative)!r} leads outside {base}")
+    return target
 
 
 def warn_if_random_encoder(pretrained: bool) -> None:
@@ -73,6 +85,7 @@ def score_test_split(cfg: DictConfig, *, keep_maps: bool, description: str):
     warn_if_random_encoder(checkpoint.meta.get("encoder_pretrained", True))
     datamodule = data_module_for(cfg.data, checkpoint)
     samples = datamodule.test_samples()
+    check_mask_sizes(samples)
     predictions = predict(checkpoint.model, datamodule.loader(samples, checkpoint.model.input_size), device,
                           keep_maps=keep_maps, description=description)
     return checkpoint, datamodule, samples, predictions
@@ -102,6 +115,26 @@ def map_scale(checkpoint: Checkpoint) -> tuple[float, float]:
         raise UsageError(f"{checkpoint.path} has no heatmap colour scale: it was saved before training "
                          "finished (continue it with trainer.resume=true), or run with heatmaps=none")
     return float(scale["low"]), float(scale["high"])
+
+
+def check_mask_sizes(samples: list[Sample]) -> None:
+    """Every mask readable and the size of its image, checked from headers before any scoring."""
+    for sample in samples:
+        if sample.mask_path is None:
+            continue
+        try:
+            mask_height, mask_width = image_size(sample.mask_path)
+        except ImageReadError as error:
+            raise DatasetLayoutError(f"mask {sample.mask_path} cannot be read ({error}): "
+                                     "replace it, or remove it to score that image without pixel metrics") from None
+        try:
+            height, width = image_size(sample.path)
+        except ImageReadError:
+            continue  # reported as an unreadable image when it is scored
+        if (mask_height, mask_width) != (height, width):
+            raise DatasetLayoutError(
+                f"mask {sample.mask_path} is {mask_width}x{mask_height} but its image {sample.path} is "
+                f"{width}x{height} (width x height): a mask must have its image's size; fix or remove it")
 
 
 def mask_at(sample: Sample, shape: tuple[int, int]) -> np.ndarray | None:

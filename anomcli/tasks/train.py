@@ -13,7 +13,7 @@ from omegaconf import DictConfig, open_dict
 
 from ..data.datamodule import endless_batches
 from ..engine import distributed
-from ..engine.checkpoint import load_checkpoint, save_checkpoint
+from ..engine.checkpoint import load_checkpoint, previous_folder, save_checkpoint
 from ..engine.evaluate import predict
 from ..engine.feature_cache import encode_training_set, endless_tap_batches
 from ..engine.fit import build_memory_bank, fit, resolve_device
@@ -35,7 +35,7 @@ def run(cfg: DictConfig) -> dict:
     distributed.barrier()
     if not distributed.is_main_process():
         datamodule.prepare()
-    model, model_cfg, resume_from = _model_to_train(cfg, checkpoint_dir)
+    model, model_cfg, resumed = _model_to_train(cfg, checkpoint_dir)
     # replaced, not merged: a checkpoint's model need not fit the schema of the default model/encoder
     saved_cfg = cfg.copy()
     with open_dict(saved_cfg):
@@ -57,8 +57,11 @@ def run(cfg: DictConfig) -> dict:
         "effective_batch_size": datamodule.batch_size * world_size,
     }
 
-    def save(step: int) -> Path:
-        return save_checkpoint(checkpoint_dir, model, saved_cfg, {**meta, "trainer_step": step})
+    def save(step: int, optimizer=None, scheduler=None) -> Path:
+        if not distributed.is_main_process():  # under torchrun rank 0 alone writes the checkpoint
+            return checkpoint_dir
+        return save_checkpoint(checkpoint_dir, model, saved_cfg, {**meta, "trainer_step": step},
+                               optimizer, scheduler)
 
     if callable(getattr(model, "fit", None)):  # a memory-bank model: no loss, no optimiser
         if not distributed.is_main_process():  # one pass, no gradients: rank 0 builds the bank alone
@@ -69,10 +72,16 @@ def run(cfg: DictConfig) -> dict:
             log.info("distributed training: %d processes x data.batch_size %d = effective batch %d; "
                      "trainer.lr %g is used as given (not scaled)", world_size, datamodule.batch_size,
                      datamodule.batch_size * world_size, cfg.trainer.lr)
-        batches = _training_batches(cfg, datamodule, model, train_samples, device, rank=rank, world_size=world_size)
+        # a resumed run continues the batch stream where the saved step left it (exact unless a whole
+        # batch was unreadable, which the loop skips without counting a step)
+        start_batch = int(resumed.meta["trainer_step"]) if resumed is not None else 0
+        batches = _training_batches(cfg, datamodule, model, train_samples, device, start_batch,
+                                    rank=rank, world_size=world_size)
         trained = distributed.wrap_for_training(model, device)
-        torch.manual_seed(cfg.trainer.seed + rank)  # each process draws its own bottleneck noise
-        result = fit(trained, batches, cfg.trainer, device=device, save=save, resume_from=resume_from)
+        if world_size > 1:
+            torch.manual_seed(cfg.trainer.seed + rank)  # each process draws its own bottleneck noise
+        result = fit(trained, batches, cfg.trainer, device=device, save=save,
+                     resume_from=resumed.path if resumed is not None else None)
         if not distributed.is_main_process():  # rank 0 writes the statistics and the checkpoint
             return {"checkpoint": str(checkpoint_dir), "steps": result.steps, "final_loss": result.final_loss,
                     "train_seconds": result.seconds, "rank": rank}
@@ -92,9 +101,10 @@ def run(cfg: DictConfig) -> dict:
             "train_seconds": result.seconds}
 
 
-def _training_batches(cfg: DictConfig, datamodule, model, train_samples, device, *, rank: int = 0,
-                      world_size: int = 1):
-    """Endless training batches: cached encoder taps when they fit in trainer.cache_encoder_gib, else images.
+def _training_batches(cfg: DictConfig, datamodule, model, train_samples, device, start_batch: int = 0, *,
+                      rank: int = 0, world_size: int = 1):
+    """Endless training batches from `start_batch` on: cached encoder taps when they fit in
+    trainer.cache_encoder_gib, else images; both draw the same seeded order (ShuffledBatches).
 
     Under torchrun each process draws from its own share of the images (its own seed for the cache).
     Random tiles (data.tiling) differ at every step, so they are never cached.
@@ -105,16 +115,18 @@ def _training_batches(cfg: DictConfig, datamodule, model, train_samples, device,
         taps = encode_training_set(model, datamodule.loader(distributed.shard(train_samples), model.input_size),
                                    device=device, max_gib=cfg.trainer.cache_encoder_gib)
         if taps is not None:
-            return endless_tap_batches(taps, datamodule.batch_size, seed=cfg.trainer.seed + rank)
+            return endless_tap_batches(taps, datamodule.batch_size, seed=cfg.trainer.seed + rank,
+                                       start_batch=start_batch)
     return endless_batches(datamodule.loader(train_samples, model.input_size, shuffle=True, seed=cfg.trainer.seed,
-                                             rank=rank, world_size=world_size))
+                                             start_batch=start_batch, rank=rank, world_size=world_size))
 
 
 def _model_to_train(cfg: DictConfig, checkpoint_dir: Path):
-    """A new model, or one continued from a checkpoint: (model, its config, training state to resume)."""
+    """A new model, or one continued from a checkpoint: (model, its config, the checkpoint to resume)."""
     source = Path(cfg.ckpt) if cfg.ckpt else None
     if source is None and cfg.trainer.resume:
-        if not (checkpoint_dir / "meta.json").is_file():
+        saved = [checkpoint_dir, previous_folder(checkpoint_dir)]  # the second: left by a killed save
+        if not any((folder / "meta.json").is_file() for folder in saved):
             raise UsageError(f"trainer.resume=true but {checkpoint_dir} holds no checkpoint: point "
                              "hydra.run.dir at the run to continue, or give ckpt=<run>/checkpoint")
         source = checkpoint_dir
@@ -126,4 +138,5 @@ def _model_to_train(cfg: DictConfig, checkpoint_dir: Path):
     with open_dict(model_cfg):
         model_cfg.encoder.pretrained = bool(checkpoint.meta.get("encoder_pretrained", True))
     log.info("%s from %s", "resuming" if cfg.trainer.resume else "fine-tuning", source)
-    return checkpoint.model, model_cfg, source if cfg.trainer.resume else None
+    # checkpoint.path: the last complete save, even when a killed save left only that one
+    return checkpoint.model, model_cfg, checkpoint if cfg.trainer.resume else None

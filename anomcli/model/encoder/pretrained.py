@@ -7,7 +7,8 @@
 2. A Python package that ships the weights (`OFFLINE_PACKAGES`).
 3. The Hugging Face cache (`~/.cache/huggingface`, or `HF_HOME`).
 4. The Hugging Face hub, when online.
-Every `.pth` is read with `torch.load(weights_only=True)`: no pickled code runs.
+Every `.pth` is read with `torch.load(weights_only=True)` before timm sees it, so a
+file holding pickled code is refused whatever timm version is installed.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -58,13 +60,14 @@ def _create_from_file(model_name: str, path: Path, kwargs: dict) -> nn.Module:
     if not path.is_file():
         raise EncoderWeightsError(f"encoder weights file not found: {path}\n"
                                   + _how_to_provide(model_name, None))
+    state = _read_state_dict(path)  # refuses pickled code before any other reader opens the file
     try:
         return timm.create_model(model_name, pretrained=True,
                                  pretrained_cfg_overlay={"file": str(path)}, **kwargs)
     except Exception as timm_error:  # noqa: BLE001 - fall back to the order mapping below
         model = timm.create_model(model_name, pretrained=False, **kwargs)
         try:
-            load_by_order(model, _read_state_dict(path))
+            load_by_order(model, state)
         except (RuntimeError, ValueError) as order_error:
             raise EncoderWeightsError(
                 f"could not load {path} into {model_name}: {timm_error}; "
@@ -74,9 +77,22 @@ def _create_from_file(model_name: str, path: Path, kwargs: dict) -> nn.Module:
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as error:
+            raise EncoderWeightsError(f"cannot read encoder weights {path}: {error}") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise EncoderWeightsError(
+            f"refusing {path}: besides tensors it holds pickled objects, which could run code when loaded "
+            f"({str(error).splitlines()[0][:200]}); convert it to .safetensors on a machine you trust") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise EncoderWeightsError(f"cannot read encoder weights {path}: {str(error).splitlines()[0][:200]}") from None
+    if not isinstance(state, dict):
+        raise EncoderWeightsError(f"{path} holds a {type(state).__name__}, not a state dict of tensors")
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
