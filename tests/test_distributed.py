@@ -41,6 +41,19 @@ def test_shards_cover_every_item_once(monkeypatch):
     assert sorted(sum(shards, [])) == items and all(len(s) in (7, 8) for s in shards)
 
 
+def test_processes_share_each_training_epoch_without_overlap():
+    from anomcli.data.datamodule import ShuffledBatches
+
+    for epoch in range(3):
+        shares = [ShuffledBatches(10, 2, seed=5, rank=r, world_size=2).epoch_order(epoch) for r in range(2)]
+        assert sorted(shares[0] + shares[1]) == list(range(10))
+    first = ShuffledBatches(10, 2, seed=5, rank=1, world_size=2)
+    stream = iter(first)
+    drawn = [next(stream) for _ in range(4)]  # two batches per epoch (5 images, batch 2)
+    assert drawn[:2] == [first.epoch_order(0)[0:2], first.epoch_order(0)[2:4]]
+    assert drawn[2:] == [first.epoch_order(1)[0:2], first.epoch_order(1)[2:4]]
+
+
 def test_merge_keeps_input_order_and_refuses_lost_or_doubled_records(tmp_path):
     path = tmp_path / "predictions.jsonl"
     order = ["a", "b", "c", "d"]
