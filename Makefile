@@ -8,7 +8,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 DEMO := runs/demo
 
-.PHONY: setup demo test coils bench-quality bench-feedback clean
+.PHONY: setup demo test coils bench-quality bench-feedback bench-speed clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,18 @@ bench-quality: setup
 # round; writes docs/BENCHMARKS.md (~25 min on 2 cores)
 bench-feedback: setup
 	$(BIN)/python scripts/bench_feedback.py
+
+# images/s of the model alone and of `anom infer` end to end, side by side with anomalib's Dinomaly
+# (~10 min on 2 quiet cores). anomalib lives in its own venv: it is never a dependency of anomcli.
+BENCH_VENV ?= .venv-bench
+$(BENCH_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet $(TORCH)
+	$(BENCH_VENV)/bin/pip install --quiet -e ".[test]" "anomalib>=2.7,<3"
+	touch $@
+
+bench-speed: $(BENCH_VENV)/.installed
+	$(BENCH_VENV)/bin/python scripts/bench_speed.py
 
 coils: setup
 	$(BIN)/python scripts/make_coils.py --root .cache/coils

@@ -130,13 +130,17 @@ def run_task(task: str, cfg) -> int:
     from .data.datamodule import DatasetLayoutError, TilingError
     from .data.image_io import ImageReadError
     from .engine.checkpoint import CheckpointError
+    from .engine.evaluate import InferenceSettingsError
+    from .engine.export import ExportDependencyError
     from .model.encoder import EncoderWeightsError
     from .tasks.common import UsageError
+    from .tasks.export import ExportMismatchError
     from .tasks.infer import NothingScoredError
 
-    exit_codes = [(NothingScoredError, EXIT_NOTHING_SCORED), ((UsageError, TilingError), EXIT_USAGE),
-                  ((CheckpointError, DatasetLayoutError, EncoderWeightsError, ImageReadError,
-                    FileNotFoundError, FileExistsError), EXIT_FAILED)]
+    exit_codes = [(NothingScoredError, EXIT_NOTHING_SCORED),
+                  ((UsageError, InferenceSettingsError, TilingError), EXIT_USAGE),
+                  ((CheckpointError, DatasetLayoutError, EncoderWeightsError, ImageReadError, ExportDependencyError,
+                    ExportMismatchError, FileNotFoundError, FileExistsError), EXIT_FAILED)]
     module = importlib.import_module(f"anomcli.tasks.{task}")
     try:
         module.run(cfg)

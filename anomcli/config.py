@@ -194,6 +194,8 @@ class InferConfig:
     num_workers: int = 2
     device: str = "auto"
     resume: bool = False
+    precision: str = "auto"
+    compile: bool = False
     data: InferDataConfig = field(default_factory=InferDataConfig)
     paths: Any = None
 

@@ -1,7 +1,16 @@
-"""Scoring many images with a model: batched, with a progress bar, unreadable files reported."""
+"""Scoring many images with a model: batched, with a progress bar, unreadable files reported.
+
+Speed without changing results: `torch.inference_mode`, a loader that decodes
+images in worker processes into pinned memory, channels-last memory for CNN
+encoders, and optionally reduced-precision autocast and `torch.compile`. In
+`fp32` the scores match the plain model to float rounding (tested within 1e-5);
+`fp16` (CUDA) and `bf16` run the networks in half precision while the anomaly
+map and the score are still computed in float32 (tests bound the difference).
+"""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
@@ -11,6 +20,13 @@ import torch
 from ..data.datamodule import Sample, Tiling, image_tensor
 from ..data.tiling import TileGrid, cut_tiles, stitch_batch
 from .progress import progress_bar
+
+# precision -> autocast dtype (None: no autocast); "auto" is fp16 on CUDA and fp32 elsewhere
+PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class InferenceSettingsError(ValueError):
+    """A precision or compile setting the device cannot honour."""
 
 
 @dataclass
@@ -27,29 +43,69 @@ class Predictions:
         return sorted(self.scores)
 
 
-@torch.no_grad()
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' -> fp16 on CUDA, fp32 elsewhere; a precision the device lacks is a one-line error."""
+    if precision == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    if precision not in PRECISIONS:
+        raise InferenceSettingsError(f"precision must be one of auto, {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "fp16" and device.type != "cuda":
+        raise InferenceSettingsError("precision=fp16 needs a CUDA device; on the CPU use bf16 or fp32")
+    return precision
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context for a resolved precision (a no-op for fp32)."""
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def uses_channels_last(model: torch.nn.Module) -> bool:
+    """CNN encoders run faster on channels-last tensors (NHWC kernels); ViTs gain nothing."""
+    return bool(getattr(getattr(model, "encoder", None), "channels_last", False))
+
+
+def prepare_for_inference(model: torch.nn.Module, device: torch.device, *,
+                          compile_model: bool = False) -> Callable[[torch.Tensor], tuple]:
+    """Move `model` to `device` in eval mode; returns the function that maps images to (maps, scores)."""
+    model.to(device).eval()
+    if uses_channels_last(model):
+        model.to(memory_format=torch.channels_last)
+    if not compile_model:
+        return model.predict
+    # compiled once per input shape; the first batch (and a smaller last batch) pay the compile time
+    return torch.compile(model.predict, dynamic=False)
+
+
 def predict(model: torch.nn.Module, loader, device: torch.device, *, keep_maps: bool = True,
             on_batch: Callable[[list[int], np.ndarray, np.ndarray], None] | None = None,
-            description: str = "score") -> Predictions:
+            description: str = "score", precision: str = "fp32", compile_model: bool = False) -> Predictions:
     """Run `model.predict` over a loader of samples.
 
     on_batch(indices, maps [B, S, S], scores [B]) lets a caller write outputs as it goes
-    instead of holding every map in memory. With a tiled loader (data.tiling), the maps
-    are one stitched [h, w] map per image, in a list.
+    instead of holding every map in memory. precision: auto | fp32 | fp16 | bf16. With a tiled
+    loader (data.tiling), the maps are one stitched [h, w] map per image, in a list.
     """
-    model.to(device).eval()
+    precision = resolve_precision(precision, device)
+    run_model = prepare_for_inference(model, device, compile_model=compile_model)
+    memory_format = torch.channels_last if uses_channels_last(model) else torch.contiguous_format
     samples: Sequence[Sample] = loader.dataset.samples
     result = Predictions(list(samples))
-    with progress_bar() as bar:
+    with progress_bar() as bar, torch.inference_mode():
         task = bar.add_task(description, total=len(samples))
         for batch in loader:
             for index, reason in batch["errors"]:
                 result.errors[index] = reason
             if batch["images"] is not None:
                 if "grids" in batch:
-                    maps, scores = _predict_tiles(model, batch, device, loader.dataset.tiles_per_forward)
+                    maps, scores = _predict_tiles(run_model, batch, loader.dataset.tiles_per_forward,
+                                                  model.input_size, device, precision, memory_format)
                 else:
-                    maps, scores = model.predict(batch["images"].to(device, non_blocking=True))
+                    images = batch["images"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
+                    with autocast(device, precision):
+                        maps, scores = run_model(images)
                     maps = maps[:, 0].float().cpu().numpy()
                     scores = scores.float().cpu().numpy()
                 for index, size, amap, score in zip(batch["indices"], batch["sizes"], maps, scores):
@@ -63,14 +119,16 @@ def predict(model: torch.nn.Module, loader, device: torch.device, *, keep_maps: 
     return result
 
 
-def _predict_tiles(model: torch.nn.Module, batch: dict, device: torch.device,
-                   tiles_per_forward: int) -> tuple[list[np.ndarray], np.ndarray]:
+def _predict_tiles(run_model, batch: dict, tiles_per_forward: int, input_size: int, device: torch.device,
+                   precision, memory_format) -> tuple[list[np.ndarray], np.ndarray]:
     """Score the tiles of the batch's images a chunk at a time, then stitch one map per image."""
-    outputs = [model.predict(chunk.to(device, non_blocking=True))
-               for chunk in batch["images"].split(tiles_per_forward)]
-    maps = torch.cat([m for m, _ in outputs])  # [tiles, 1, S, S]
-    scores = torch.cat([s for _, s in outputs])  # [tiles]
-    return stitch_batch(maps, scores, batch["grids"], model.input_size)
+    outputs = []
+    for chunk in batch["images"].split(tiles_per_forward):
+        with autocast(device, precision):
+            outputs.append(run_model(chunk.to(device, non_blocking=True).contiguous(memory_format=memory_format)))
+    maps = torch.cat([m.float() for m, _ in outputs])  # [tiles, 1, S, S]
+    scores = torch.cat([s.float() for _, s in outputs])  # [tiles]
+    return stitch_batch(maps, scores, batch["grids"], input_size)
 
 
 @torch.no_grad()

@@ -111,5 +111,9 @@ class Dinomaly(nn.Module):
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images -> (anomaly maps [B, 1, S, S], scores [B])."""
-        maps = self.anomaly_map(*self(images))
-        return maps, self.score(maps)
+        encoded, decoded = self(images)
+        # under reduced-precision autocast only the networks run in half precision:
+        # cosine distances, upsampling, smoothing and the top-1 % mean stay in float32
+        with torch.autocast(images.device.type, enabled=False):
+            maps = self.anomaly_map([x.float() for x in encoded], [x.float() for x in decoded])
+            return maps, self.score(maps)

@@ -146,6 +146,9 @@ def nearest_neighbours(queries: torch.Tensor, bank: torch.Tensor, k: int = 1) ->
     Blocks of queries meet slices of the bank in turn, keeping a running top k, so about
     PAIRWISE_BLOCK distances exist at once whatever the bank's size.
     """
+    if torch.onnx.is_in_onnx_export():
+        # an exported graph has a dynamic batch, which Python-sized blocks cannot follow: one block
+        return torch.cdist(queries, bank).topk(k, dim=1, largest=False)
     query_rows = min(QUERY_BLOCK, len(queries))
     bank_rows = max(k, PAIRWISE_BLOCK // max(1, query_rows))
     distances, indices = [], []
@@ -261,7 +264,10 @@ class PatchCore(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """images -> (patch features [B, h*w, C], nearest distances [B, h*w], bank indices [B, h*w])."""
         features = self.encode(images)
-        return features, *self.patch_distances(features)
+        # distances to the bank stay in float32 under reduced-precision autocast
+        with torch.autocast(images.device.type, enabled=False):
+            features = features.float()
+            return features, *self.patch_distances(features)
 
     def anomaly_map(self, distances: torch.Tensor) -> torch.Tensor:
         """Patch distances [B, h*w] -> [B, 1, S, S] anomaly map at the input resolution."""
@@ -281,7 +287,7 @@ class PatchCore(nn.Module):
         where N_b(m*) are the b bank entries nearest m* (m* among them): a test patch
         near an isolated, rare bank entry scores higher than one near a dense region.
         """
-        batch = torch.arange(len(distances), device=distances.device)
+        batch = torch.arange(distances.shape[0], device=distances.device)
         worst = distances.argmax(dim=1)  # [B]
         top = distances[batch, worst]  # [B] s*
         if self.num_neighbours == 0:
@@ -298,4 +304,5 @@ class PatchCore(nn.Module):
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images -> (anomaly maps [B, 1, S, S], scores [B])."""
         features, distances, indices = self(images)
-        return self.anomaly_map(distances), self.score(distances, indices, features)
+        with torch.autocast(images.device.type, enabled=False):
+            return self.anomaly_map(distances), self.score(distances, indices, features)

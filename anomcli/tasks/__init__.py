@@ -5,4 +5,5 @@ TASKS = {
     "validate": "score a labelled test split; writes metrics.json, scores.csv and heatmaps",
     "threshold": "choose the operating point (target recall, target FPR or best F1); writes threshold.json",
     "infer": "score every image under a folder; writes predictions.jsonl and heatmaps",
+    "export": "write the scoring model (maps and scores) as an ONNX graph with a dynamic batch",
 }

@@ -87,7 +87,8 @@ def score_test_split(cfg: DictConfig, *, keep_maps: bool, description: str):
     samples = datamodule.test_samples()
     check_mask_sizes(samples)
     predictions = predict(checkpoint.model, datamodule.loader(samples, checkpoint.model.input_size), device,
-                          keep_maps=keep_maps, description=description)
+                          keep_maps=keep_maps, description=description, precision=cfg.precision,
+                          compile_model=cfg.compile)
     return checkpoint, datamodule, samples, predictions
 
 

@@ -90,7 +90,7 @@ def run(cfg: DictConfig) -> dict:
             loader = FolderDataModule(str(root), batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                                       tiling=tiling).loader(samples, model.input_size)
             predictions = predict(model, loader, device, keep_maps=False, on_batch=write_batch,
-                                  description="infer")
+                                  description="infer", precision=cfg.precision, compile_model=cfg.compile)
             for index, reason in sorted(predictions.errors.items()):
                 out.write(json.dumps({"path": str(samples[index].path), "score": None, "is_anomalous": None,
                                       "threshold": threshold, "heatmap": None, "error": reason}) + "\n")

@@ -28,6 +28,9 @@ class CNNEncoder(nn.Module):
     tap are preserved exactly, and taps of different widths can be averaged.
     """
 
+    # convolutions run faster on channels-last (NHWC) tensors; inference moves model and inputs to it
+    channels_last = True
+
     def __init__(
         self,
         model_name: str,

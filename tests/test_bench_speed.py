@@ -1,0 +1,36 @@
+"""scripts/bench_speed.py --quick: the smoke run CI can afford, and its JSON lines other tools read."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from .helpers import REPO
+
+FIELDS = {"impl", "model", "encoder", "input_size", "batch", "images_per_s", "ms_per_image", "precision",
+          "mode", "gflops_per_image", "peak_gflops", "fraction_of_peak"}
+
+
+def bench(*args: str) -> list[dict]:
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_speed.py"), "--quick", "--json", *args],
+                            capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [json.loads(line) for line in result.stdout.splitlines()]  # every stdout line is one JSON object
+
+
+def test_model_only_json_rows():
+    rows = bench("--model-only", "--batches", "1", "2", "--precisions", "fp32")
+    expected = [("dinomaly_tiny", 1), ("dinomaly_tiny", 2), ("patchcore_tiny", 1), ("patchcore_tiny", 2)]
+    assert [(r["model"], r["batch"]) for r in rows if r["impl"] == "anomcli"] == expected
+    assert [(r["model"], r["batch"]) for r in rows if r["impl"] == "anomcli-onnxruntime"] == expected
+    for row in rows:
+        assert FIELDS <= row.keys() and row["mode"] == "model"
+        assert row["images_per_s"] > 0 and row["gflops_per_image"] > 0 and 0 < row["fraction_of_peak"] < 1
+        assert abs(row["ms_per_image"] - 1000 / row["images_per_s"]) < 0.01 * row["ms_per_image"] + 0.01
+
+
+def test_end_to_end_rows_run_anom_infer():
+    rows = bench("--models", "dinomaly_tiny", "--batches", "2", "--precisions", "fp32", "--workers", "0", "--no-onnx")
+    assert [r["mode"] for r in rows] == ["model", "end_to_end"]
+    assert rows[1]["images_per_s"] > 0 and rows[1]["input_size"] == 56
