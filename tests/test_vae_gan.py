@@ -229,3 +229,10 @@ def test_cli_train_threshold_validate_infer(model, tiny_coils, tmp_path):
                                     for line in lines)
     assert all(line["is_anomalous"] == (line["score"] >= line["threshold"]) for line in lines)
     assert (tmp_path / "i" / "heatmaps" / "dent" / "000.png").is_file()
+
+
+def test_cli_bad_model_arguments_are_a_usage_error(tiny_coils, tmp_path):
+    result = run_cli("train", "model=vae", *TINY_MODEL, "model.feature_weight=1", *tiny_data_overrides(tiny_coils),
+                     f"hydra.run.dir={tmp_path / 'r'}", check=False)
+    assert result.returncode == 2 and "needs a frozen encoder" in result.stderr
+    assert "Traceback" not in result.stderr
