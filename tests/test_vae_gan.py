@@ -221,6 +221,10 @@ def test_cli_train_threshold_validate_infer(model, tiny_coils, tmp_path):
     with open(tmp_path / "v" / "scores.csv") as f:
         assert len(list(csv.DictReader(f))) == 18
     assert Image.open(tmp_path / "v" / "heatmaps" / "scratch" / "000.png").size == (96, 64)  # original size
+    # flagged good images are listed; with no frozen encoder, no feature distance is claimed for them
+    report = json.loads((tmp_path / "v" / "false_positives" / "report.json").read_text())
+    assert len(report["flagged"]) == report["n_flagged"]
+    assert all(entry["nearest_train_distance"] is None for entry in report["flagged"])
 
     run_cli("infer", f"ckpt={ckpt}", f"input={tiny_coils / 'test'}", "heatmaps=all",
             f"hydra.run.dir={tmp_path / 'i'}")

@@ -69,7 +69,7 @@ class VAE(nn.Module):
             raise ValueError("feature_weight > 0 needs a frozen encoder: add model/encoder=efficientnet_lite0")
         if encoder is not None and feature_weight == 0:
             raise ValueError("an encoder is set but feature_weight is 0: set model.feature_weight > 0, "
-                             "or drop the encoder (model/encoder=null)")
+                             "or leave out the model/encoder override")
         if encoder is not None and encoder.input_size != input_size:
             raise ValueError(f"the encoder's input_size {encoder.input_size} differs from the VAE's {input_size}")
         self.input_size = input_size
