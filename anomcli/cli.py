@@ -152,6 +152,9 @@ def run_task(task: str, cfg) -> int:
                 where = getattr(cause, "path", None) if isinstance(cause, ImageReadError) else None
                 log.error("%s%s", f"{where}: " if where else "", cause)
                 return code
+        if isinstance(error, InstantiationException) and isinstance(cause, ValueError):
+            log.error("%s", cause)  # a constructor refused its arguments (model.width=0, ...): bad usage
+            return EXIT_USAGE
         raise
     return EXIT_OK
 

@@ -154,6 +154,35 @@ class PatchCoreConfig:
     seed: int = 0
 
 
+@dataclass
+class VAEConfig:
+    _target_: str = "anomcli.model.vae.VAE"
+    input_size: int = 256
+    latent_dim: int = 128
+    width: int = 32
+    max_width: int = 256
+    beta: float = 1.0
+    pixel_loss: str = "mse"
+    encoder: Any = None
+    feature_weight: float = 0.0
+    map_sigma: float = 4.0
+    score_top_fraction: float = 0.01
+
+
+@dataclass
+class GANomalyConfig:
+    _target_: str = "anomcli.model.gan.GANomaly"
+    input_size: int = 256
+    latent_dim: int = 100
+    width: int = 32
+    max_width: int = 256
+    adversarial_weight: float = 1.0
+    contextual_weight: float = 50.0
+    latent_weight: float = 1.0
+    discriminator_reset_below: float = 1e-5
+    map_sigma: float = 4.0
+
+
 # --- trainer ------------------------------------------------------------------
 
 @dataclass
@@ -205,7 +234,7 @@ SCHEMAS = {
     "model/encoder": {"vit": ViTEncoderConfig, "cnn": CNNEncoderConfig},
     "model/bottleneck": {"noisy_mlp": NoisyMLPConfig},
     "model/decoder": {"transformer": TransformerDecoderConfig},
-    "model": {"dinomaly": DinomalyConfig, "patchcore": PatchCoreConfig},
+    "model": {"dinomaly": DinomalyConfig, "patchcore": PatchCoreConfig, "vae": VAEConfig, "gan": GANomalyConfig},
     "trainer": {"trainer": TrainerConfig},
     "task": {"infer": InferConfig},
 }

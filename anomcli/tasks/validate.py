@@ -138,6 +138,10 @@ def _nearest_training_images(cfg, checkpoint, datamodule, samples, flagged) -> d
     """
     device = resolve_device(cfg.device)
     model = checkpoint.model
+    if getattr(model, "encoder", None) is None:  # trained from scratch (VAE, GANomaly): no frozen features
+        return {"flagged": [{"path": str(samples[i].path), "nearest_train_distance": None,
+                             "nearest_train_image": "", "unlike_training": False} for i in flagged],
+                "distance": "not measured: the model has no frozen pre-trained encoder to compare images in"}
     datamodule = _training_data(checkpoint, datamodule)
     train = datamodule.train_samples()
     train = train[:: max(1, -(-len(train) // cfg.false_positives.max_train_images))]
