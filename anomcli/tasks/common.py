@@ -43,6 +43,34 @@ def safe_output_path(base: Path, relative: Path) -> Path:
     return target
 
 
+def heatmap_names(files: list[Path], root: Path) -> list[Path]:
+    """One distinct output name per input file: its path under root, with .png.
+
+    Sub-folders keep same-named files apart; `a.png` and `a.jpg` in one folder
+    become `a.png` and `a_jpg.png`. Names are compared case-blind, for
+    file systems that are.
+    """
+    names, taken = [], set()
+    for path in files:
+        relative = _relative(path, root)
+        folder = Path(*[part for part in relative.parts[:-1] if part not in ("", ".", "..")])
+        stem, extension = relative.stem, relative.suffix.lstrip(".").lower()
+        candidates = [folder / f"{stem}.png", folder / f"{stem}_{extension}.png"]
+        candidates += (folder / f"{stem}_{extension}_{n}.png" for n in range(2, len(files) + 2))
+        name = next(c for c in candidates if str(c).casefold() not in taken)
+        taken.add(str(name).casefold())
+        names.append(name)
+    return names
+
+
+def _relative(path: Path, root: Path) -> Path:
+    """The path under the input root, so same-named files in sub-folders keep distinct outputs."""
+    try:
+        return path.relative_to(root)
+    except ValueError:
+        return Path(path.name)
+
+
 def warn_if_random_encoder(pretrained: bool) -> None:
     if not pretrained:
         log.warning("!" * 72)
