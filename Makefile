@@ -28,7 +28,8 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
-# Dinomaly and PatchCore on MTD (../shared/data/mtd), one run; writes docs/BENCHMARKS.md (~40 min on 2 cores)
+# Dinomaly, PatchCore, VAE and GANomaly on MTD (../shared/data/mtd), one run; writes docs/BENCHMARKS.md
+# (~55 min for the first two on 2 cores, plus about 10-15 min each for the VAE and GANomaly)
 bench-quality: setup
 	$(BIN)/python scripts/bench_quality.py
 

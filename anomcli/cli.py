@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOTHING_SCORED = 0, 1, 2, 3
+DISTRIBUTED_TASKS = ("train", "infer")
 log = logging.getLogger("anomcli")
 
 
@@ -56,7 +57,19 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"anom {task}: {problem}", file=sys.stderr)
         return EXIT_USAGE
-    return run_hydra(task, rest)
+    from .engine import distributed
+
+    if not distributed.launched_distributed():
+        return run_hydra(task, rest)
+    if task not in DISTRIBUTED_TASKS or any(arg in ("-m", "--multirun") for arg in rest):
+        print(f"anom {task}: torchrun runs only `train` and `infer`, without --multirun; "
+              f"run `anom {task}` as one process", file=sys.stderr)
+        return EXIT_USAGE
+    distributed.init_process_group()
+    try:
+        return run_hydra(task, rest + distributed_overrides(task, rest))
+    finally:
+        distributed.shutdown()
 
 
 def run_hydra(task: str, args: list[str]) -> int:
@@ -80,11 +93,41 @@ def run_hydra(task: str, args: list[str]) -> int:
     return exit_code
 
 
+def distributed_overrides(task: str, args: list[str]) -> list[str]:
+    """Under torchrun: every process writes into rank 0's run folder, and only rank 0 writes `.hydra/`.
+
+    The default run folder has a timestamp, which processes started a second apart would
+    see differently; rank 0's folder name is sent to all of them.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from .engine import distributed
+
+    overrides = [] if distributed.is_main_process() else ["hydra.output_subdir=null",
+                                                            "hydra.job_logging.root.level=WARNING"]
+    if any(arg.startswith("hydra.run.dir=") for arg in args):
+        return overrides
+    run_dir = None
+    if distributed.is_main_process():
+        GlobalHydra.instance().clear()
+        try:
+            with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+                cfg = compose(config_name=task, overrides=[a for a in args if not a.startswith("-")],
+                              return_hydra_config=True)
+                run_dir = str(OmegaConf.select(cfg, "hydra.run.dir"))
+        finally:
+            GlobalHydra.instance().clear()
+    run_dir = distributed.broadcast_from_main(run_dir)
+    return [*overrides, f"hydra.run.dir='{run_dir}'"]
+
+
 def run_task(task: str, cfg) -> int:
     """Run one job; expected failures become a one-line message and an exit code, not a traceback."""
     from hydra.errors import InstantiationException
 
-    from .data.datamodule import DatasetLayoutError
+    from .data.datamodule import DatasetLayoutError, TilingError
     from .data.image_io import ImageReadError
     from .engine.checkpoint import CheckpointError
     from .engine.evaluate import InferenceSettingsError
@@ -94,7 +137,8 @@ def run_task(task: str, cfg) -> int:
     from .tasks.export import ExportMismatchError
     from .tasks.infer import NothingScoredError
 
-    exit_codes = [(NothingScoredError, EXIT_NOTHING_SCORED), ((UsageError, InferenceSettingsError), EXIT_USAGE),
+    exit_codes = [(NothingScoredError, EXIT_NOTHING_SCORED),
+                  ((UsageError, InferenceSettingsError, TilingError), EXIT_USAGE),
                   ((CheckpointError, DatasetLayoutError, EncoderWeightsError, ImageReadError, ExportDependencyError,
                     ExportMismatchError, FileNotFoundError, FileExistsError), EXIT_FAILED)]
     module = importlib.import_module(f"anomcli.tasks.{task}")
@@ -108,6 +152,9 @@ def run_task(task: str, cfg) -> int:
                 where = getattr(cause, "path", None) if isinstance(cause, ImageReadError) else None
                 log.error("%s%s", f"{where}: " if where else "", cause)
                 return code
+        if isinstance(error, InstantiationException) and isinstance(cause, ValueError):
+            log.error("%s", cause)  # a constructor refused its arguments (model.width=0, ...): bad usage
+            return EXIT_USAGE
         raise
     return EXIT_OK
 

@@ -18,6 +18,22 @@ from omegaconf import MISSING
 # --- data -------------------------------------------------------------------
 
 @dataclass
+class TilingConfig:
+    """Score images in overlapping square tiles at full resolution instead of resizing them whole."""
+
+    tile: int = 0  # tile side in image pixels; 0: off (each image is resized to the model's input)
+    overlap: float = 0.25  # share of a tile that neighbouring tiles share, in [0, 1)
+
+
+@dataclass
+class TilingFromCheckpointConfig:
+    """The checkpoint's tiling unless set: tile=0 turns it off, tile=N sets the tile side."""
+
+    tile: Optional[int] = None
+    overlap: Optional[float] = None
+
+
+@dataclass
 class FolderDataConfig:
     """An MVTec-AD layout folder: train/good, test/<type>, ground_truth/<type>."""
 
@@ -27,6 +43,7 @@ class FolderDataConfig:
     batch_size: int = 16
     num_workers: int = 2
     extra_good: Optional[str] = None  # a folder of confirmed-good images trained on with train/good
+    tiling: TilingConfig = field(default_factory=TilingConfig)
 
 
 @dataclass
@@ -53,6 +70,14 @@ class DataFromCheckpointConfig:
     batch_size: Optional[int] = None
     num_workers: Optional[int] = None
     extra_good: Optional[str] = None
+    tiling: TilingFromCheckpointConfig = field(default_factory=TilingFromCheckpointConfig)
+
+
+@dataclass
+class InferDataConfig:
+    """infer reads files, not a dataset: only how its images are cut into tiles."""
+
+    tiling: TilingFromCheckpointConfig = field(default_factory=TilingFromCheckpointConfig)
 
 
 # --- model parts --------------------------------------------------------------
@@ -129,6 +154,35 @@ class PatchCoreConfig:
     seed: int = 0
 
 
+@dataclass
+class VAEConfig:
+    _target_: str = "anomcli.model.vae.VAE"
+    input_size: int = 256
+    latent_dim: int = 128
+    width: int = 32
+    max_width: int = 256
+    beta: float = 1.0
+    pixel_loss: str = "mse"
+    encoder: Any = None
+    feature_weight: float = 0.0
+    map_sigma: float = 4.0
+    score_top_fraction: float = 0.01
+
+
+@dataclass
+class GANomalyConfig:
+    _target_: str = "anomcli.model.gan.GANomaly"
+    input_size: int = 256
+    latent_dim: int = 100
+    width: int = 32
+    max_width: int = 256
+    adversarial_weight: float = 1.0
+    contextual_weight: float = 50.0
+    latent_weight: float = 1.0
+    discriminator_reset_below: float = 1e-5
+    map_sigma: float = 4.0
+
+
 # --- trainer ------------------------------------------------------------------
 
 @dataclass
@@ -171,6 +225,7 @@ class InferConfig:
     resume: bool = False
     precision: str = "auto"
     compile: bool = False
+    data: InferDataConfig = field(default_factory=InferDataConfig)
     paths: Any = None
 
 
@@ -179,7 +234,7 @@ SCHEMAS = {
     "model/encoder": {"vit": ViTEncoderConfig, "cnn": CNNEncoderConfig},
     "model/bottleneck": {"noisy_mlp": NoisyMLPConfig},
     "model/decoder": {"transformer": TransformerDecoderConfig},
-    "model": {"dinomaly": DinomalyConfig, "patchcore": PatchCoreConfig},
+    "model": {"dinomaly": DinomalyConfig, "patchcore": PatchCoreConfig, "vae": VAEConfig, "gan": GANomalyConfig},
     "trainer": {"trainer": TrainerConfig},
     "task": {"infer": InferConfig},
 }

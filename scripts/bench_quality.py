@@ -1,6 +1,9 @@
 """Detection quality on an MVTec-layout dataset (default: MTD), every model in one run.
 
-    python scripts/bench_quality.py [--data-root ../shared/data/mtd] [--experiments mtd_dinomaly_lite0 mtd_patchcore_lite0]
+    python scripts/bench_quality.py [--data-root ../shared/data/mtd] [--experiments mtd_dinomaly_lite0 ...]
+
+The default experiments are the four models: Dinomaly and PatchCore (EfficientNet-Lite0 encoder),
+the convolutional VAE and GANomaly (trained from scratch), all at 256 px.
 
 For each experiment it runs, through the real CLI: `anom train experiment=<name>`,
 `anom threshold target_recall=0.95` (on the test split: the operating point is
@@ -105,7 +108,8 @@ def write_section(path: Path, text: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", default="../shared/data/mtd")
-    parser.add_argument("--experiments", nargs="+", default=["mtd_dinomaly_lite0", "mtd_patchcore_lite0"])
+    parser.add_argument("--experiments", nargs="+",
+                        default=["mtd_dinomaly_lite0", "mtd_patchcore_lite0", "mtd_vae", "mtd_gan"])
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench_quality")
     parser.add_argument("--report", type=Path, default=REPO / "docs" / "BENCHMARKS.md")
     parser.add_argument("--no-report", action="store_true", help="print the table, leave BENCHMARKS.md alone")

@@ -194,7 +194,7 @@ def end_to_end_rows(name: str, overrides: list[str], args, device, peaks, workdi
     with open_dict(cfg):
         cfg.paths.output_dir = str(workdir / name)
     checkpoint = save_checkpoint(workdir / name / "checkpoint", model, cfg, {
-        "model": name, "input_size": side, "encoder_pretrained": False})
+        "model": type(model).__name__.lower(), "input_size": side, "encoder_pretrained": False})
     gflops = flops_per_image(prepare_for_inference(model, device), side, device) / 1e9
     rows = []
     for precision in args.precisions:

@@ -426,6 +426,18 @@ def test_a_mask_of_another_size_fails_before_scoring(checkpoint_dir, tiny_coils,
     assert "is 33x17 but its image" in str(error.value) and "96x64" in str(error.value)
 
 
+def test_validate_keeps_heatmaps_of_same_named_images_apart(checkpoint_dir, tiny_coils, tmp_path):
+    data = Path(shutil.copytree(tiny_coils, tmp_path / "data"))
+    first = sorted((data / "test" / "good").glob("*.png"))[0]
+    Image.open(first).save(first.with_suffix(".jpg"))  # good/000.png and good/000.jpg
+    cfg = compose_task("validate", [f"ckpt={checkpoint_dir}", f"data.root={data}", "device=cpu", "heatmaps=all"])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "validate")
+    validate.run(cfg)
+    heatmaps = tmp_path / "validate" / "heatmaps" / "good"
+    assert len(list(heatmaps.glob(f"{first.stem}*.png"))) == 2  # 000.png and 000_jpg.png (or _png)
+
+
 # --- untrusted files -------------------------------------------------------------------------
 
 class _Payload:

@@ -5,7 +5,9 @@
     <root>/ground_truth/<type>/<name>_mask.png    optional masks of defective test images
 
 Images of any size are resized (not cropped) to the model's square input, so
-an anomaly map covers the whole image and maps back onto it exactly.
+an anomaly map covers the whole image and maps back onto it exactly. With
+tiling (`data.tiling.tile`), large images are scored in overlapping tiles and
+trained on random tiles instead (see tiling.py).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .image_io import ImageReadError, list_images, load_image
+from .tiling import RandomTileDataset, TiledImageDataset, collate_tiles
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +31,29 @@ GOOD = "good"
 
 class DatasetLayoutError(ValueError):
     """A data root that does not follow the MVTec AD layout."""
+
+
+class TilingError(ValueError):
+    """Tiling settings that cannot work."""
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """tile: side of a square tile in image pixels (0: off); overlap: share of a tile neighbours share."""
+
+    tile: int = 0
+    overlap: float = 0.25
+
+    def __post_init__(self):
+        if self.tile < 0 or self.tile == 1:
+            raise TilingError(f"data.tiling.tile must be 0 (off) or a tile side of at least 2 pixels, "
+                              f"got {self.tile}")
+        if not 0 <= self.overlap < 1:
+            raise TilingError(f"data.tiling.overlap must be in [0, 1), got {self.overlap}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.tile > 0
 
 
 @dataclass(frozen=True)
@@ -80,13 +106,14 @@ class FolderDataModule:
     """An MVTec-AD layout folder: train split of good images, test split with defect types and masks."""
 
     def __init__(self, root: str, name: str = "folder", batch_size: int = 16, num_workers: int = 2,
-                 extra_good: str | None = None):
+                 extra_good: str | None = None, tiling: dict | None = None):
         self.root = Path(root).expanduser()
         # confirmed-good images from elsewhere (e.g. reviewed false alarms) that train alongside train/good
         self.extra_good = Path(extra_good).expanduser() if extra_good else None
         self.name = name
         self.batch_size = batch_size
         self.num_workers = num_workers
+        self.tiling = Tiling(**(tiling or {}))
 
     def prepare(self) -> None:
         """Check the layout before any work starts."""
@@ -120,17 +147,26 @@ class FolderDataModule:
         return samples
 
     def loader(self, samples: Sequence[Sample], input_size: int, *, shuffle: bool = False,
-               batch_size: int | None = None, seed: int = 0, start_batch: int = 0) -> DataLoader:
-        """Batches in order; with shuffle, the endless training stream of ShuffledBatches."""
+               batch_size: int | None = None, seed: int = 0, start_batch: int = 0, rank: int = 0,
+               world_size: int = 1) -> DataLoader:
+        """Batches in order; with shuffle, the endless training stream of ShuffledBatches
+        (under torchrun, this process's share of it: rank of world_size)."""
         batch_size = batch_size or self.batch_size
-        dataset = ImageDataset(samples, input_size)
+        dataset, collate_fn = ImageDataset(samples, input_size), collate
+        if self.tiling.enabled and shuffle:
+            dataset = RandomTileDataset(samples, input_size, self.tiling.tile, seed=seed)
+        elif self.tiling.enabled:
+            # one image's tiles already fill a forward pass: batch_size counts tiles, an image is a batch
+            dataset = TiledImageDataset(samples, input_size, self.tiling.tile, self.tiling.overlap,
+                                        tiles_per_forward=batch_size)
+            collate_fn, batch_size = collate_tiles, 1
         # worker seeds come from this generator, not the global one, so starting a loader leaves the
         # dropout random stream as it was (a resumed run must draw the noise an uninterrupted one drew)
-        options = dict(num_workers=self.num_workers, collate_fn=collate, pin_memory=torch.cuda.is_available(),
+        options = dict(num_workers=self.num_workers, collate_fn=collate_fn, pin_memory=torch.cuda.is_available(),
                        generator=torch.Generator().manual_seed(seed))
         if shuffle:
-            return DataLoader(dataset, batch_sampler=ShuffledBatches(len(samples), batch_size, seed, start_batch),
-                              **options)
+            batches = ShuffledBatches(len(samples), batch_size, seed, start_batch, rank=rank, world_size=world_size)
+            return DataLoader(dataset, batch_sampler=batches, **options)
         return DataLoader(dataset, batch_size=batch_size, **options)
 
 
@@ -140,16 +176,21 @@ class ShuffledBatches(Sampler[list[int]]):
     Epoch e's order depends only on (seed, e), so a run resumed at batch k draws
     the batches an uninterrupted run would have drawn from k on, with no
     generator state to save. As with drop_last, an epoch's incomplete last
-    batch is dropped unless it is the epoch's only one.
+    batch is dropped unless it is the epoch's only one. Under torchrun every
+    process shuffles alike and takes every world_size-th image of the order from
+    its rank on, so the processes share each epoch without overlap.
     """
 
-    def __init__(self, size: int, batch_size: int, seed: int = 0, start_batch: int = 0):
+    def __init__(self, size: int, batch_size: int, seed: int = 0, start_batch: int = 0, *, rank: int = 0,
+                 world_size: int = 1):
         self.size, self.batch_size, self.seed, self.start_batch = size, batch_size, seed, start_batch
-        self.batches_per_epoch = max(1, size // batch_size)
+        self.rank, self.world_size = rank, world_size
+        share = len(range(rank, size, world_size))  # this process's images per epoch
+        self.batches_per_epoch = max(1, share // batch_size)
 
     def epoch_order(self, epoch: int) -> list[int]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.size, generator=generator).tolist()
+        return torch.randperm(self.size, generator=generator).tolist()[self.rank::self.world_size]
 
     def __iter__(self) -> Iterator[list[int]]:
         epoch, skip = divmod(self.start_batch, self.batches_per_epoch)
@@ -180,8 +221,9 @@ class CoilsDataModule(FolderDataModule):
 
     def __init__(self, root: str = ".cache/coils", name: str = "coils", batch_size: int = 16,
                  num_workers: int = 2, seed: int = 0, n_train: int = 200, n_test_good: int = 40,
-                 n_test_per_defect: int = 10, height: int = 256, width: int = 256, extra_good: str | None = None):
-        super().__init__(root, name, batch_size, num_workers, extra_good)
+                 n_test_per_defect: int = 10, height: int = 256, width: int = 256, extra_good: str | None = None,
+                 tiling: dict | None = None):
+        super().__init__(root, name, batch_size, num_workers, extra_good, tiling)
         self.generator_args = dict(seed=seed, n_train=n_train, n_test_good=n_test_good,
                                    n_test_per_defect=n_test_per_defect, height=height, width=width)
 

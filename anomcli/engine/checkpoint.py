@@ -375,7 +375,7 @@ def build_model_for_loading(model_config: DictConfig, folder: Path | None = None
                             meta: dict[str, Any] | None = None) -> nn.Module:
     """Instantiate the architecture only: the weights come from the checkpoint, not the hub."""
     config = OmegaConf.create(OmegaConf.to_container(model_config, resolve=True))
-    if "encoder" in config:
+    if config.get("encoder") is not None:  # models trained from scratch may have none
         config.encoder.pretrained = False
         config.encoder.weights = None
     try:

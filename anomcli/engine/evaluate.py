@@ -17,7 +17,8 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from ..data.datamodule import Sample, image_tensor
+from ..data.datamodule import Sample, Tiling, image_tensor
+from ..data.tiling import TileGrid, cut_tiles, stitch_batch
 from .progress import progress_bar
 
 # precision -> autocast dtype (None: no autocast); "auto" is fp16 on CUDA and fp32 elsewhere
@@ -84,7 +85,8 @@ def predict(model: torch.nn.Module, loader, device: torch.device, *, keep_maps: 
     """Run `model.predict` over a loader of samples.
 
     on_batch(indices, maps [B, S, S], scores [B]) lets a caller write outputs as it goes
-    instead of holding every map in memory. precision: auto | fp32 | fp16 | bf16.
+    instead of holding every map in memory. precision: auto | fp32 | fp16 | bf16. With a tiled
+    loader (data.tiling), the maps are one stitched [h, w] map per image, in a list.
     """
     precision = resolve_precision(precision, device)
     run_model = prepare_for_inference(model, device, compile_model=compile_model)
@@ -97,11 +99,15 @@ def predict(model: torch.nn.Module, loader, device: torch.device, *, keep_maps: 
             for index, reason in batch["errors"]:
                 result.errors[index] = reason
             if batch["images"] is not None:
-                images = batch["images"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
-                with autocast(device, precision):
-                    maps, scores = run_model(images)
-                maps = maps[:, 0].float().cpu().numpy()
-                scores = scores.float().cpu().numpy()
+                if "grids" in batch:
+                    maps, scores = _predict_tiles(run_model, batch, loader.dataset.tiles_per_forward,
+                                                  model.input_size, device, precision, memory_format)
+                else:
+                    images = batch["images"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
+                    with autocast(device, precision):
+                        maps, scores = run_model(images)
+                    maps = maps[:, 0].float().cpu().numpy()
+                    scores = scores.float().cpu().numpy()
                 for index, size, amap, score in zip(batch["indices"], batch["sizes"], maps, scores):
                     result.scores[index] = float(score)
                     result.sizes[index] = tuple(size)
@@ -113,11 +119,30 @@ def predict(model: torch.nn.Module, loader, device: torch.device, *, keep_maps: 
     return result
 
 
+def _predict_tiles(run_model, batch: dict, tiles_per_forward: int, input_size: int, device: torch.device,
+                   precision, memory_format) -> tuple[list[np.ndarray], np.ndarray]:
+    """Score the tiles of the batch's images a chunk at a time, then stitch one map per image."""
+    outputs = []
+    for chunk in batch["images"].split(tiles_per_forward):
+        with autocast(device, precision):
+            outputs.append(run_model(chunk.to(device, non_blocking=True).contiguous(memory_format=memory_format)))
+    maps = torch.cat([m.float() for m, _ in outputs])  # [tiles, 1, S, S]
+    scores = torch.cat([s.float() for _, s in outputs])  # [tiles]
+    return stitch_batch(maps, scores, batch["grids"], input_size)
+
+
 @torch.no_grad()
 def predict_images(model: torch.nn.Module, images: Iterable[np.ndarray], device: torch.device, *,
-                   batch_size: int, total: int | None = None, description: str = "score") -> np.ndarray:
-    """Scores [N] of in-memory float [H, W, 3] images (made on the fly, e.g. synthetic defects)."""
+                   batch_size: int, total: int | None = None, description: str = "score",
+                   tiling: Tiling | None = None) -> np.ndarray:
+    """Scores [N] of in-memory float [H, W, 3] images (made on the fly, e.g. synthetic defects).
+
+    tiling: score each image in tiles, as a tiled loader would (the highest tile score).
+    """
     model.to(device).eval()
+    if tiling is not None and tiling.enabled:
+        return _predict_images_tiled(model, images, device, tiling, batch_size=batch_size, total=total,
+                                     description=description)
     scores: list[np.ndarray] = []
 
     def flush(batch: list[torch.Tensor]) -> None:
@@ -154,8 +179,23 @@ def encoder_embeddings(model: torch.nn.Module, loader, device: torch.device, *,
             if batch["images"] is not None:
                 taps = model.encoder(batch["images"].to(device))  # list of [B, tokens, D]
                 pooled = torch.cat([tap.float().mean(dim=1) for tap in taps], dim=1)  # [B, sum D]
+                if "grids" in batch:  # tiles of one image at a time: the image's vector is their mean
+                    pooled = torch.stack([part.mean(dim=0) for part in pooled.split([len(g) for g in batch["grids"]])])
                 pooled = torch.nn.functional.normalize(pooled, dim=1).cpu().numpy()
                 for index, vector in zip(batch["indices"], pooled):
                     embeddings[index] = vector
             bar.advance(task, len(batch["indices"]) + len(batch["errors"]))
     return embeddings
+
+
+def _predict_images_tiled(model: torch.nn.Module, images: Iterable[np.ndarray], device: torch.device,
+                          tiling: Tiling, *, batch_size: int, total: int | None, description: str) -> np.ndarray:
+    scores: list[float] = []
+    with progress_bar() as bar:
+        task = bar.add_task(description, total=total)
+        for image in images:
+            grid = TileGrid.for_image(*image.shape[:2], tiling.tile, tiling.overlap)
+            tiles = cut_tiles(image, grid, model.input_size)
+            scores.append(max(float(model.predict(chunk.to(device))[1].max()) for chunk in tiles.split(batch_size)))
+            bar.advance(task, 1)
+    return np.array(scores, dtype=np.float32)

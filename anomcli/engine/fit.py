@@ -111,3 +111,74 @@ def fit(model: torch.nn.Module, batches, trainer, *, device: torch.device,
     save(step, optimizer, scheduler)
     loss_value = loss_value if math.isfinite(loss_value) else float("nan")
     return FitResult(step, loss_value, time.perf_counter() - started, images_seen)
+
+
+def fit_training_steps(model: torch.nn.Module, batches, trainer, *, device: torch.device,
+                       save: Callable[..., Path], resume_from: Path | None = None) -> FitResult:
+    """Train a model that writes its own step (VAE, GANomaly) for `trainer.max_steps` steps.
+
+    The model computes its losses and decides the order of its updates; the engine owns the
+    optimiser, the schedule, clipping and checkpoints. The model provides:
+
+        parameter_groups() -> {name: [parameters]}
+            what each of its updates trains (GANomaly: "generator", "discriminator");
+        training_step(images, update) -> {term: scalar tensor}
+            computes its losses on a batch and calls update(name, loss) once per group, in the
+            order it needs; "loss" in the returned terms is shown on the progress bar.
+
+    update(name, loss) backpropagates `loss` into that group's parameters only, clips their
+    gradient norm to trainer.grad_clip and steps the optimiser, which then moves only them.
+    One StableAdamW holds every group as a param group, and the schedule steps once per
+    training step, so checkpoints and trainer.resume work as for `fit`.
+
+    batches: an endless iterator of {"images": [B, 3, S, S]}.
+    save(step, optimizer, scheduler): writes a checkpoint with the training state, as for `fit`.
+    """
+    model.to(device).train()
+    groups = model.parameter_groups()
+    optimizer = StableAdamW([{"params": params, "name": name} for name, params in groups.items()],
+                            lr=trainer.lr, betas=tuple(trainer.betas), weight_decay=trainer.weight_decay,
+                            amsgrad=True)
+    scheduler = build_scheduler(optimizer, total_steps=trainer.max_steps,
+                                warmup_steps=trainer.warmup_steps, final_factor=trainer.final_lr_factor)
+    step = 0
+    if resume_from is not None:
+        step = load_training_state(resume_from, optimizer, scheduler)
+        log.info("resuming from step %d of %s", step, resume_from)
+
+    def update(name: str, loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{name} loss became {loss.item()} at step {step}; lower trainer.lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward(inputs=groups[name])  # the other groups get no gradient, so the step leaves them
+        torch.nn.utils.clip_grad_norm_(groups[name], trainer.grad_clip)
+        optimizer.step()
+
+    loss_value, images_seen, started = float("nan"), 0, time.perf_counter()
+    terms: dict[str, torch.Tensor] | None = None
+    with progress_bar(TextColumn("loss {task.fields[loss]:.4f}"),
+                      TextColumn("{task.fields[speed]:.1f} img/s")) as bar:
+        task = bar.add_task("train", total=trainer.max_steps, completed=step, loss=float("nan"), speed=0.0)
+        while step < trainer.max_steps:
+            images = next(batches)["images"].to(device, non_blocking=True)
+            terms = model.training_step(images, update)
+            scheduler.step()
+            step += 1
+            images_seen += images.shape[0]
+
+            if step % trainer.log_every == 0 or step == trainer.max_steps:
+                loss_value = terms["loss"].item()
+                speed = images_seen / max(time.perf_counter() - started, 1e-9)
+                bar.update(task, completed=step, loss=loss_value, speed=speed)
+            if step % trainer.save_every == 0 and step < trainer.max_steps:
+                save(step, optimizer, scheduler)
+                log.info("step %d/%d %s, checkpoint saved", step, trainer.max_steps, _format_terms(terms))
+    save(step, optimizer, scheduler)
+    if terms is not None:
+        log.info("step %d/%d %s", step, trainer.max_steps, _format_terms(terms))
+    loss_value = loss_value if math.isfinite(loss_value) else float("nan")
+    return FitResult(step, loss_value, time.perf_counter() - started, images_seen)
+
+
+def _format_terms(terms: dict[str, torch.Tensor]) -> str:
+    return ", ".join(f"{name} {value.item():.4f}" for name, value in terms.items())

@@ -12,6 +12,9 @@ results = Console()
 
 
 def progress_bar(*extra_columns) -> Progress:
+    """A bar on stderr; under torchrun only rank 0 draws one."""
+    from .distributed import is_main_process
+
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     *extra_columns, TimeElapsedColumn(), TimeRemainingColumn(), console=console,
-                    transient=False)
+                    transient=False, disable=not is_main_process())

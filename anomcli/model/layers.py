@@ -1,4 +1,5 @@
-"""Small blocks shared by the detectors: initialisation, Gaussian smoothing, top-fraction scoring."""
+"""Small blocks shared by the detectors: initialisation, Gaussian smoothing, top-fraction scoring,
+DCGAN convolution stacks."""
 
 from __future__ import annotations
 
@@ -49,3 +50,69 @@ def top_fraction_mean(maps: torch.Tensor, fraction: float) -> torch.Tensor:
     flat = maps.flatten(1)
     k = max(1, int(math.floor(flat.shape[1] * fraction)))
     return flat.topk(k, dim=1).values.mean(dim=1)
+
+
+# --- DCGAN convolution stacks (Radford et al., ICLR 2016), the shape GANomaly builds on -----
+
+def init_dcgan_weights(module: nn.Module) -> None:
+    """DCGAN initialisation: convolutions N(0, 0.02), batch-norm scales N(1, 0.02), biases 0."""
+    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+        nn.init.normal_(module.weight, 0.0, 0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.BatchNorm2d):
+        nn.init.normal_(module.weight, 1.0, 0.02)
+        nn.init.zeros_(module.bias)
+
+
+def pyramid_widths(input_size: int, width: int, max_width: int) -> list[int]:
+    """Channels of the stride-2 stages that take an input_size image down to 4x4: width, 2 width, ...
+
+    input_size must be a power of two of at least 8 (every stage halves the side exactly).
+    """
+    if input_size < 8 or input_size & (input_size - 1):
+        raise ValueError(f"input_size must be a power of two >= 8 for a DCGAN stack, got {input_size}")
+    if not 1 <= width <= max_width:
+        raise ValueError(f"need 1 <= width <= max_width, got width {width}, max_width {max_width}")
+    stages = int(math.log2(input_size // 4))
+    return [min(width * 2 ** i, max_width) for i in range(stages)]
+
+
+class DCGANEncoder(nn.Module):
+    """[B, C, S, S] -> [B, out_channels]: stride-2 4x4 convolutions down to 4x4, then one 4x4 convolution.
+
+    `features` is the 4x4 map before the last convolution (a discriminator's feature layer).
+    """
+
+    def __init__(self, input_size: int, in_channels: int, out_channels: int, width: int = 32,
+                 max_width: int = 256):
+        super().__init__()
+        widths = pyramid_widths(input_size, width, max_width)
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, widths[0], 4, 2, 1, bias=False), nn.LeakyReLU(0.2)]
+        for narrow, wide in zip(widths, widths[1:]):
+            layers += [nn.Conv2d(narrow, wide, 4, 2, 1, bias=False), nn.BatchNorm2d(wide), nn.LeakyReLU(0.2)]
+        self.features = nn.Sequential(*layers)  # [B, widths[-1], 4, 4]
+        self.head = nn.Conv2d(widths[-1], out_channels, 4, 1, 0, bias=False)  # [B, out, 1, 1]
+        self.apply(init_dcgan_weights)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x)).flatten(1)  # [B, out_channels]
+
+
+class DCGANDecoder(nn.Module):
+    """[B, latent_dim] -> [B, out_channels, S, S] in [-1, 1]: the mirror image of DCGANEncoder."""
+
+    def __init__(self, input_size: int, latent_dim: int, out_channels: int, width: int = 32,
+                 max_width: int = 256):
+        super().__init__()
+        widths = pyramid_widths(input_size, width, max_width)[::-1]  # widest first
+        layers: list[nn.Module] = [nn.ConvTranspose2d(latent_dim, widths[0], 4, 1, 0, bias=False),
+                                   nn.BatchNorm2d(widths[0]), nn.ReLU()]  # 1x1 -> 4x4
+        for wide, narrow in zip(widths, widths[1:]):  # 4x4 -> S/2
+            layers += [nn.ConvTranspose2d(wide, narrow, 4, 2, 1, bias=False), nn.BatchNorm2d(narrow), nn.ReLU()]
+        layers += [nn.ConvTranspose2d(widths[-1], out_channels, 4, 2, 1, bias=False), nn.Tanh()]  # S/2 -> S
+        self.layers = nn.Sequential(*layers)
+        self.apply(init_dcgan_weights)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.layers(z[:, :, None, None])  # [B, latent, 1, 1] -> [B, out, S, S]

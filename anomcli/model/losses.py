@@ -51,3 +51,24 @@ def global_cosine_loss(encoded: Sequence[torch.Tensor], decoded: Sequence[torch.
         cosine = F.cosine_similarity(target.flatten(1), prediction.flatten(1), dim=1)
         total = total + (1 - cosine).mean()
     return total / len(encoded)
+
+
+def kl_to_standard_normal(mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, exp(log_var)) || N(0, I)) summed over the latent dimensions, averaged over the batch.
+
+    mean, log_var: [B, latent_dim]. Closed form: 0.5 * sum(mean^2 + var - 1 - log_var).
+    """
+    return 0.5 * (mean.square() + log_var.exp() - 1 - log_var).sum(dim=1).mean()
+
+
+def tap_cosine_distance(target: Sequence[torch.Tensor], prediction: Sequence[torch.Tensor],
+                        num_prefix_tokens: int = 0) -> torch.Tensor:
+    """Mean over taps, tokens and batch of 1 - cosine between two lists of [B, prefix + N, D] taps.
+
+    Prefix tokens (class, registers) are left out: they describe the whole image, not a place in it.
+    """
+    total = 0.0
+    for wanted, got in zip(target, prediction):
+        wanted, got = wanted[:, num_prefix_tokens:], got[:, num_prefix_tokens:]  # [B, N, D]
+        total = total + (1 - F.cosine_similarity(wanted.detach(), got, dim=-1)).mean()
+    return total / len(target)

@@ -43,6 +43,34 @@ def safe_output_path(base: Path, relative: Path) -> Path:
     return target
 
 
+def heatmap_names(files: list[Path], root: Path) -> list[Path]:
+    """One distinct output name per input file: its path under root, with .png.
+
+    Sub-folders keep same-named files apart; `a.png` and `a.jpg` in one folder
+    become `a.png` and `a_jpg.png`. Names are compared case-blind, for
+    file systems that are.
+    """
+    names, taken = [], set()
+    for path in files:
+        relative = _relative(path, root)
+        folder = Path(*[part for part in relative.parts[:-1] if part not in ("", ".", "..")])
+        stem, extension = relative.stem, relative.suffix.lstrip(".").lower()
+        candidates = [folder / f"{stem}.png", folder / f"{stem}_{extension}.png"]
+        candidates += (folder / f"{stem}_{extension}_{n}.png" for n in range(2, len(files) + 2))
+        name = next(c for c in candidates if str(c).casefold() not in taken)
+        taken.add(str(name).casefold())
+        names.append(name)
+    return names
+
+
+def _relative(path: Path, root: Path) -> Path:
+    """The path under the input root, so same-named files in sub-folders keep distinct outputs."""
+    try:
+        return path.relative_to(root)
+    except ValueError:
+        return Path(path.name)
+
+
 def warn_if_random_encoder(pretrained: bool) -> None:
     if not pretrained:
         log.warning("!" * 72)
@@ -57,15 +85,25 @@ def data_module_for(data_cfg: DictConfig, checkpoint: Checkpoint) -> FolderDataM
     `data=...` picks a whole data config; with the default (`from_checkpoint`) the
     checkpoint's own data config is used and any non-null field (data.root=...) overrides it.
     """
+    requested_tiling = data_cfg.get("tiling") or {}
     if data_cfg.get("_target_") is None:
         trained = checkpoint.config.get("data")
         if trained is None:
             raise UsageError("the checkpoint records no data config: pick one with data=<name>")
-        overrides = {k: v for k, v in OmegaConf.to_container(data_cfg).items() if v is not None}
+        overrides = {k: v for k, v in OmegaConf.to_container(data_cfg).items() if v is not None and k != "tiling"}
         data_cfg = OmegaConf.merge(trained, overrides)
+    data_cfg = OmegaConf.merge(data_cfg, {"tiling": tiling_for(requested_tiling, checkpoint)})
     datamodule = instantiate(data_cfg)
     datamodule.prepare()
     return datamodule
+
+
+def tiling_for(requested, checkpoint: Checkpoint) -> dict:
+    """The tiling a checkpoint was trained with, with the fields the command line set (non-null)."""
+    trained = checkpoint.config.get("data", {}).get("tiling") or {}
+    tiling = {"tile": 0, "overlap": 0.25, **OmegaConf.to_container(OmegaConf.create(dict(trained)))}
+    tiling.update({k: v for k, v in dict(requested).items() if v is not None})
+    return tiling
 
 
 def score_test_split(cfg: DictConfig, *, keep_maps: bool, description: str):
@@ -128,14 +166,14 @@ def check_mask_sizes(samples: list[Sample]) -> None:
                 f"{width}x{height} (width x height): a mask must have its image's size; fix or remove it")
 
 
-def mask_at(sample: Sample, side: int) -> np.ndarray | None:
-    """The sample's mask resized (nearest) to the map resolution; zeros for good images."""
+def mask_at(sample: Sample, shape: tuple[int, int]) -> np.ndarray | None:
+    """The sample's mask resized to the map's (h, w) (bilinear, then >= 0.5); zeros for good images."""
     if sample.label == 0:
-        return np.zeros((side, side), dtype=bool)
+        return np.zeros(shape, dtype=bool)
     if sample.mask_path is None:
         return None
     mask = load_mask(sample.mask_path)
-    return resize_map(mask.astype(np.float32), side, side) >= 0.5
+    return resize_map(mask.astype(np.float32), *shape) >= 0.5
 
 
 def write_heatmap(path: Path, sample: Sample, anomaly_map: np.ndarray, scale: tuple[float, float],

@@ -17,11 +17,13 @@ from rich.table import Table
 
 from ..data.datamodule import FolderDataModule, Sample
 from ..data.image_io import IMAGE_EXTENSIONS, list_images
+from ..engine import distributed
 from ..engine.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, read_json
 from ..engine.evaluate import predict
 from ..engine.fit import resolve_device
 from ..engine.progress import results
-from .common import UsageError, map_scale, output_dir, safe_output_path, warn_if_random_encoder, write_heatmap
+from .common import (UsageError, heatmap_names, map_scale, output_dir, safe_output_path, tiling_for,
+                     warn_if_random_encoder, write_heatmap)
 
 log = logging.getLogger(__name__)
 HEATMAP_MODES = ("flagged", "all", "none")
@@ -39,27 +41,36 @@ def run(cfg: DictConfig) -> dict:
         raise UsageError(f"heatmaps must be one of {', '.join(HEATMAP_MODES)}, got {cfg.heatmaps!r}")
     root, files = _input_files(Path(str(cfg.input)).expanduser())
     run_dir = output_dir(cfg)
-    device = resolve_device(cfg.device)
+    device = distributed.local_device(resolve_device(cfg.device))
     checkpoint = load_checkpoint(cfg.ckpt, device)
     warn_if_random_encoder(checkpoint.meta.get("encoder_pretrained", True))
     threshold, threshold_source = _threshold(cfg, checkpoint)
     run_record = {"checkpoint": str(checkpoint.path.resolve()), "checkpoint_id": checkpoint.meta.get("checkpoint_id"),
                   "threshold": threshold}
     done = _previous_predictions(run_dir, run_record) if cfg.get("resume", False) else {}
-    atomic_write_json(run_dir / RUN_RECORD, run_record)
+    distributed.barrier()  # every process has read what a previous run left before rank 0 rewrites it
+    if distributed.is_main_process():
+        atomic_write_json(run_dir / RUN_RECORD, run_record)
 
     heatmap_dir = run_dir / "heatmaps"
     names = heatmap_names(files, root)
     pending = [(path, name) for path, name in zip(files, names) if str(path) not in done]
+    # under torchrun each process scores every N-th pending file into its own part of predictions.jsonl,
+    # rank 0's part starting with the kept lines; the parts are merged into one file at the end
+    pending = distributed.shard(pending)
+    if not distributed.is_main_process():
+        done = {}
     samples = [Sample(path, -1, "") for path, _ in pending]
     scale = map_scale(checkpoint) if cfg.heatmaps != "none" and samples else None
     model = checkpoint.model
+    tiling = tiling_for(cfg.data.tiling, checkpoint)
     counts = {"scored": len(done), "flagged": sum(bool(r.get("is_anomalous")) for r in done.values()),
               "skipped": 0, "already_scored": len(done)}
     skipped: list[tuple[str, str]] = []
+    predictions_path = distributed.part_path(run_dir / PREDICTIONS)
     # resume rewrites the kept lines first, so a line cut by the kill never survives
-    atomic_write_bytes(run_dir / PREDICTIONS, "".join(json.dumps(r) + "\n" for r in done.values()).encode())
-    with open(run_dir / PREDICTIONS, "a", encoding="utf-8") as out:
+    atomic_write_bytes(predictions_path, "".join(json.dumps(r) + "\n" for r in done.values()).encode())
+    with open(predictions_path, "a", encoding="utf-8") as out:
         def write_batch(indices, maps, scores):
             for index, amap, score in zip(indices, maps, scores):
                 sample = samples[index]
@@ -77,8 +88,8 @@ def run(cfg: DictConfig) -> dict:
             os.fsync(out.fileno())
 
         if samples:
-            loader = FolderDataModule(str(root), batch_size=cfg.batch_size, num_workers=cfg.num_workers).loader(
-                samples, model.input_size)
+            loader = FolderDataModule(str(root), batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                                      tiling=tiling).loader(samples, model.input_size)
             predictions = predict(model, loader, device, keep_maps=False, on_batch=write_batch,
                                   description="infer", precision=cfg.precision, compile_model=cfg.compile)
             for index, reason in sorted(predictions.errors.items()):
@@ -88,10 +99,15 @@ def run(cfg: DictConfig) -> dict:
                 skipped.append((str(samples[index].path), reason))
             counts["skipped"] = len(skipped)
 
+    if distributed.world_size() > 1:
+        distributed.merge_jsonl_parts(run_dir / PREDICTIONS, [str(path) for path in files])
+        counts = distributed.sum_over_processes({**counts, "skipped_files": skipped})
+        skipped = counts.pop("skipped_files")
     summary = {**counts, "images": len(files), "threshold": threshold, "threshold_source": threshold_source,
-               "predictions": str(run_dir / PREDICTIONS),
+               "predictions": str(run_dir / PREDICTIONS), "tiling": tiling,
                "skipped_files": [{"path": path, "error": reason} for path, reason in skipped]}
-    _print(summary)
+    if distributed.is_main_process():
+        _print(summary)
     if counts["scored"] == 0:
         raise NothingScoredError(f"none of the {len(files)} input files could be scored "
                                  f"(reasons in {run_dir / PREDICTIONS})")
@@ -146,34 +162,6 @@ def _previous_predictions(run_dir: Path, run_record: dict) -> dict[str, dict]:
                 done[record["path"]] = record
     log.info("resuming: %d files already scored in %s", len(done), predictions)
     return done
-
-
-def heatmap_names(files: list[Path], root: Path) -> list[Path]:
-    """One distinct output name per input file: its path under root, with .png.
-
-    Sub-folders keep same-named files apart; `a.png` and `a.jpg` in one folder
-    become `a.png` and `a_jpg.png`. Names are compared case-blind, for
-    file systems that are.
-    """
-    names, taken = [], set()
-    for path in files:
-        relative = _relative(path, root)
-        folder = Path(*[part for part in relative.parts[:-1] if part not in ("", ".", "..")])
-        stem, extension = relative.stem, relative.suffix.lstrip(".").lower()
-        candidates = [folder / f"{stem}.png", folder / f"{stem}_{extension}.png"]
-        candidates += (folder / f"{stem}_{extension}_{n}.png" for n in range(2, len(files) + 2))
-        name = next(c for c in candidates if str(c).casefold() not in taken)
-        taken.add(str(name).casefold())
-        names.append(name)
-    return names
-
-
-def _relative(path: Path, root: Path) -> Path:
-    """The path under the input root, so same-named files in sub-folders keep distinct outputs."""
-    try:
-        return path.relative_to(root)
-    except ValueError:
-        return Path(path.name)
 
 
 def printable(text) -> str:

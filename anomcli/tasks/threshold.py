@@ -44,7 +44,8 @@ def run(cfg: DictConfig) -> dict:
         if good.size == 0:
             raise UsageError("method=synthetic needs good images in the validation set to paste defects into")
         result.update(target=cfg.target_recall, **_synthetic_estimate(cfg, checkpoint.model, samples, scored,
-                                                                        labels, good, datamodule.batch_size))
+                                                                        labels, good, datamodule.batch_size,
+                                                                        datamodule.tiling))
     elif method == "fpr":
         good = scores[labels == 0]
         if good.size == 0:
@@ -83,7 +84,8 @@ def _method(cfg: DictConfig) -> str:
     return method
 
 
-def _synthetic_estimate(cfg: DictConfig, model, samples, scored, labels, good_scores, batch_size: int) -> dict:
+def _synthetic_estimate(cfg: DictConfig, model, samples, scored, labels, good_scores, batch_size: int,
+                        tiling=None) -> dict:
     """Threshold for target_recall on synthetic defects pasted into the held-out good images."""
     images = []
     for i, label in zip(scored, labels):
@@ -100,7 +102,8 @@ def _synthetic_estimate(cfg: DictConfig, model, samples, scored, labels, good_sc
             yield image
 
     synthetic_scores = predict_images(model, generate(), resolve_device(cfg.device), batch_size=batch_size,
-                                      total=len(images) * cfg.synthetic.per_image, description="synthetic defects")
+                                      total=len(images) * cfg.synthetic.per_image, description="synthetic defects",
+                                      tiling=tiling)
     both_labels = np.r_[np.zeros(good_scores.size, dtype=int), np.ones(synthetic_scores.size, dtype=int)]
     both_scores = np.r_[good_scores, synthetic_scores]
     threshold = metrics.threshold_for_recall(both_labels, both_scores, cfg.target_recall)

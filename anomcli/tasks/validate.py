@@ -22,7 +22,8 @@ from ..engine.evaluate import encoder_embeddings
 from ..engine.fit import resolve_device
 from ..engine.progress import results
 from ..visualize import save_score_histogram
-from .common import map_scale, mask_at, output_dir, score_test_split, write_csv, write_heatmap
+from .common import (heatmap_names, map_scale, mask_at, output_dir, safe_output_path, score_test_split, write_csv,
+                     write_heatmap)
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def run(cfg: DictConfig) -> dict:
                    "good": int((labels == 0).sum()), "defective": int((labels == 1).sum()),
                    **{f"type_{k}": v for k, v in sorted(Counter(samples[i].defect_type for i in scored).items())}},
     }
-    pixel = _pixel_metrics(samples, scored, predictions, model.input_size)
+    pixel = _pixel_metrics(samples, scored, predictions)
     if pixel is not None:
         result["pixel"] = pixel
     if threshold is not None:
@@ -52,27 +53,29 @@ def run(cfg: DictConfig) -> dict:
     write_csv(run_dir / "scores.csv", ["path", "defect_type", "label", "score"],
               ([str(samples[i].path), samples[i].defect_type, samples[i].label, f"{predictions.scores[i]:.6f}"]
                for i in scored))
+    # test/<defect>/<name>: distinct outputs even for a.png and a.jpg side by side
+    names = heatmap_names([sample.path for sample in samples], datamodule.root / "test")
     if cfg.heatmaps != "none":
         scale = map_scale(checkpoint)
         for i in scored:
             flagged = threshold is not None and predictions.scores[i] >= threshold
             if cfg.heatmaps == "all" or flagged or (threshold is None and samples[i].label == 1):
                 sample = samples[i]
-                write_heatmap(run_dir / "heatmaps" / sample.defect_type / f"{sample.path.stem}.png",
+                write_heatmap(safe_output_path(run_dir / "heatmaps", names[i]),
                               sample, predictions.maps[i], scale, draw_mask=True)
     for index, reason in predictions.errors.items():
         log.warning("could not score %s: %s", samples[index].path, reason)
     if cfg.false_positives.enabled:
         result["false_positives"] = _false_positive_report(cfg, run_dir / "false_positives", checkpoint,
                                                            datamodule, samples, scored, labels, scores,
-                                                           predictions, threshold, result["per_defect"])
+                                                           predictions, threshold, result["per_defect"], names)
     atomic_write_json(run_dir / "metrics.json", result)
     _print_summary(result, run_dir)
     return result
 
 
 def _false_positive_report(cfg, folder: Path, checkpoint, datamodule, samples, scored, labels, scores,
-                           predictions, threshold, per_defect) -> dict:
+                           predictions, threshold, per_defect, names) -> dict:
     """false_positives/: score histogram, and each flagged good image with its heatmap and its
     distance to the nearest training image, against the distances among training images themselves."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -91,9 +94,10 @@ def _false_positive_report(cfg, folder: Path, checkpoint, datamodule, samples, s
         for i, entry in zip(flagged, summary["flagged"]):
             sample = samples[i]
             entry["score"] = predictions.scores[i]
-            name = f"{sample.path.stem}{sample.path.suffix}"
-            shutil.copyfile(sample.path, _make_parent(folder / "images" / name))
-            write_heatmap(folder / "heatmaps" / f"{sample.path.stem}.png", sample, predictions.maps[i], scale)
+            name = Path(names[i].name)  # flagged images are all good ones: one folder, names distinct
+            image_copy = safe_output_path(folder / "images", name.with_suffix(sample.path.suffix))
+            shutil.copyfile(sample.path, _make_parent(image_copy))
+            write_heatmap(safe_output_path(folder / "heatmaps", name), sample, predictions.maps[i], scale)
         write_csv(folder / "flagged.csv", ["path", "score", "nearest_train_distance", "nearest_train_image",
                                            "unlike_training"],
                   ([e["path"], f"{e['score']:.6f}", _fmt(e["nearest_train_distance"]),
@@ -138,6 +142,10 @@ def _nearest_training_images(cfg, checkpoint, datamodule, samples, flagged) -> d
     """
     device = resolve_device(cfg.device)
     model = checkpoint.model
+    if getattr(model, "encoder", None) is None:  # trained from scratch (VAE, GANomaly): no frozen features
+        return {"flagged": [{"path": str(samples[i].path), "nearest_train_distance": None,
+                             "nearest_train_image": "", "unlike_training": False} for i in flagged],
+                "distance": "not measured: the model has no frozen pre-trained encoder to compare images in"}
     datamodule = _training_data(checkpoint, datamodule)
     train = datamodule.train_samples()
     train = train[:: max(1, -(-len(train) // cfg.false_positives.max_train_images))]
@@ -185,10 +193,11 @@ def _per_defect(samples, scored, labels, scores, threshold) -> dict:
     return out
 
 
-def _pixel_metrics(samples, scored, predictions, side: int) -> dict | None:
+def _pixel_metrics(samples, scored, predictions) -> dict | None:
+    """At the maps' resolution: the model's input, or input / tile times the image with tiling."""
     masks, maps = [], []
     for i in scored:
-        mask = mask_at(samples[i], side)
+        mask = mask_at(samples[i], predictions.maps[i].shape)
         if mask is not None:
             masks.append(mask)
             maps.append(predictions.maps[i].astype(np.float32))
