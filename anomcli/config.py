@@ -229,6 +229,52 @@ class InferConfig:
     paths: Any = None
 
 
+@dataclass
+class FalsePositiveReportConfig:
+    enabled: bool = True
+    max_train_images: int = 1000
+    unlike_quantile: float = 0.95
+
+
+@dataclass
+class ValidateConfig:
+    """`anom validate`: typed, so a misspelt key or `false_positives.enabled=maybe` fails before scoring."""
+
+    task_name: str = "validate"
+    ckpt: str = MISSING
+    device: str = "auto"
+    heatmaps: str = "all"
+    false_positives: FalsePositiveReportConfig = field(default_factory=FalsePositiveReportConfig)
+    precision: str = "auto"
+    compile: bool = False
+    data: Any = None  # the data group (from_checkpoint by default) brings its own schema
+    paths: Any = None
+
+
+@dataclass
+class SyntheticDefectsConfig:
+    per_image: int = 3
+    seed: int = 0
+
+
+@dataclass
+class ThresholdConfig:
+    """`anom threshold`: typed, so `target_recall=abc` fails before any image is scored."""
+
+    task_name: str = "threshold"
+    ckpt: str = MISSING
+    device: str = "auto"
+    method: str = "auto"
+    target_recall: float = 0.95
+    target_fpr: Optional[float] = None
+    confidence: float = 0.95
+    synthetic: SyntheticDefectsConfig = field(default_factory=SyntheticDefectsConfig)
+    precision: str = "auto"
+    compile: bool = False
+    data: Any = None
+    paths: Any = None
+
+
 SCHEMAS = {
     "data": {"folder": FolderDataConfig, "coils": CoilsDataConfig, "from_checkpoint": DataFromCheckpointConfig},
     "model/encoder": {"vit": ViTEncoderConfig, "cnn": CNNEncoderConfig},
@@ -236,7 +282,7 @@ SCHEMAS = {
     "model/decoder": {"transformer": TransformerDecoderConfig},
     "model": {"dinomaly": DinomalyConfig, "patchcore": PatchCoreConfig, "vae": VAEConfig, "gan": GANomalyConfig},
     "trainer": {"trainer": TrainerConfig},
-    "task": {"infer": InferConfig},
+    "task": {"infer": InferConfig, "validate": ValidateConfig, "threshold": ThresholdConfig},
 }
 
 

@@ -10,7 +10,7 @@ from anomcli.cli import check_overrides, config_dir
 from anomcli.data.datamodule import CoilsDataModule, FolderDataModule
 from anomcli.model import Dinomaly
 
-from .helpers import compose_task
+from .helpers import compose_task, run_cli
 
 ENCODERS = sorted(p.stem for p in (config_dir() / "model" / "encoder").glob("*.yaml"))
 DECODERS = sorted(p.stem for p in (config_dir() / "model" / "decoder").glob("*.yaml"))
@@ -100,3 +100,13 @@ def test_every_model_config_builds():
                  else ["model.encoder.pretrained=false", "model.encoder.input_size=56"])
         cfg = compose_task("train", [f"model={model}", *small])
         assert isinstance(instantiate(cfg.model), expected[model]), model
+
+
+@pytest.mark.parametrize("task, override, key", [
+    ("threshold", "target_recall=abc", "target_recall"),
+    ("threshold", "synthetic.per_image=many", "synthetic.per_image"),
+    ("validate", "false_positives.enabled=maybe", "false_positives.enabled"),
+])
+def test_task_settings_of_the_wrong_type_fail_before_any_work(task, override, key):
+    result = run_cli(task, "ckpt=does/not/matter", override, check=False)
+    assert result.returncode == 2 and key in result.stderr and "Traceback" not in result.stderr
