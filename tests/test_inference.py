@@ -90,8 +90,9 @@ def test_cnn_encoder_runs_channels_last_with_unchanged_taps():
     model.to(memory_format=torch.channels_last)
     taps = model.encode(images.contiguous(memory_format=torch.channels_last))
     assert model.encoder.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
+    # channels-last convolutions sum in another order: float32 rounding, within 1e-5 of each tap's scale
     for tap, reference in zip(taps, expected):
-        torch.testing.assert_close(tap, reference, rtol=0, atol=1e-5)
+        assert (tap - reference).abs().max() <= 1e-5 * reference.abs().max()
 
 
 @pytest.mark.parametrize("build", [tiny_vit_dinomaly, tiny_patchcore], ids=["dinomaly-vit", "patchcore"])
