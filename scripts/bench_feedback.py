@@ -35,6 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks_doc import replace_section  # noqa: E402  (this folder)
 from anomcli.data.image_io import list_images  # noqa: E402
 
 START, END = "<!-- bench_feedback:start -->", "<!-- bench_feedback:end -->"
@@ -153,17 +154,6 @@ def table(rows: dict, target_fpr: float) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, text: str) -> None:
-    current = path.read_text() if path.is_file() else "# Benchmarks\n"
-    section = f"{START}\n{text}\n{END}"
-    if START in current:
-        before, rest = current.split(START, 1)
-        current = before + section + rest.split(END, 1)[1]
-    else:
-        current = current.rstrip() + "\n\n" + section + "\n"
-    path.write_text(current)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", type=Path, default=Path("../shared/data/mtd"),
@@ -227,7 +217,7 @@ def main() -> None:
     (out / "results.json").write_text(json.dumps({"split": split, "rows": rows, "seconds": seconds}, indent=2))
     print(text)
     if not args.no_report:
-        write_section(args.report, text)
+        replace_section(args.report, START, END, text)
 
 
 if __name__ == "__main__":

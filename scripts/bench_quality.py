@@ -27,6 +27,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks_doc import replace_section  # noqa: E402  (this folder)
 from anomcli.engine.checkpoint import load_checkpoint  # noqa: E402
 from anomcli.engine.evaluate import predict  # noqa: E402
 from anomcli.tasks.common import data_module_for  # noqa: E402
@@ -94,17 +95,6 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, text: str) -> None:
-    current = path.read_text() if path.is_file() else "# Benchmarks\n"
-    section = f"{START}\n{text}\n{END}"
-    if START in current:
-        before, rest = current.split(START, 1)
-        current = before + section + rest.split(END, 1)[1]
-    else:
-        current = current.rstrip() + "\n\n" + section + "\n"
-    path.write_text(current)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", default="../shared/data/mtd")
@@ -132,7 +122,7 @@ def main() -> None:
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     print(text)
     if not args.no_report:
-        write_section(args.report, text)
+        replace_section(args.report, START, END, text)
 
 
 if __name__ == "__main__":
