@@ -495,3 +495,18 @@ def test_no_code_path_loads_pickles():
                     problems.append(f"{source.name}:{node.lineno} allow_pickle=True")
     assert not problems, problems
     assert "torch.load" not in (REPO / "anomcli" / "engine" / "checkpoint.py").read_text()
+
+
+def test_safetensors_whose_first_byte_looks_like_a_pickle_still_load(tmp_path):
+    # the first byte of a safetensors file is the low byte of its header length: 0x80 must not read as a pickle
+    from safetensors.torch import save_file
+
+    from anomcli.engine.checkpoint import _read_safetensors
+
+    path = tmp_path / "model.safetensors"
+    for pad in range(300):
+        save_file({"w": torch.ones(3)}, str(path), metadata={"pad": "x" * pad})
+        if path.read_bytes()[:1] == b"\x80":
+            break
+    assert path.read_bytes()[:1] == b"\x80"
+    torch.testing.assert_close(_read_safetensors(path)["w"], torch.ones(3))

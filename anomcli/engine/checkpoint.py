@@ -261,8 +261,12 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a safetensors file; anything else (a pickle, a truncated copy) is refused unread."""
     with open(path, "rb") as f:
-        head = f.read(2)
-    if head[:1] == b"\x80" or head == b"PK":
+        head = f.read(9)
+    # safetensors: an 8-byte little-endian header length, then the JSON header; the first bytes of a
+    # valid file can equal a pickle's, so a pickle is named only when the file is not safetensors
+    looks_like_safetensors = len(head) == 9 and head[8:9] == b"{" and \
+        int.from_bytes(head[:8], "little") <= path.stat().st_size - 8
+    if not looks_like_safetensors and (head[:1] == b"\x80" or head[:2] == b"PK"):
         raise CheckpointError(f"{path} is a pickled PyTorch file, not safetensors; anomcli never loads "
                               "pickles from a checkpoint, since they can run code: use the folder `anom train` wrote")
     try:
