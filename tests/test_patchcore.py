@@ -169,3 +169,19 @@ def test_patchcore_ranks_defective_coils_above_good_ones():
 
     assert maps.shape == (12, 1, size, size)
     assert roc_auc_score([0] * 6 + [1] * 6, scores.numpy()) >= 0.9
+
+
+def test_a_trained_patchcore_checkpoint_loads_with_its_bank(tiny_coils, tmp_path):
+    from omegaconf import open_dict
+
+    from anomcli.engine.checkpoint import load_checkpoint
+    from anomcli.tasks import train
+
+    from .helpers import tiny_data_overrides
+
+    cfg = compose_task("train", ["model=patchcore", "model/encoder=tiny", "model.encoder.taps=[2,9]",
+                                 "trainer.stats_images=2", "trainer.device=cpu", *tiny_data_overrides(tiny_coils)])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path)
+    checkpoint = load_checkpoint(train.run(cfg)["checkpoint"])
+    assert checkpoint.model.memory_bank.shape[0] > 0

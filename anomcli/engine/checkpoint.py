@@ -362,10 +362,17 @@ def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> C
 
 def _check_weights_fit(folder: Path, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     expected = model.state_dict()
+    # buffers whose number of rows comes from the training data (PatchCore's memory bank): only the
+    # width must match the config
+    sized_by_data = set(getattr(model, "data_sized_buffers", ()))
+
+    def fits(key: str, saved: torch.Size, built: torch.Size) -> bool:
+        return tuple(saved[1:]) == tuple(built[1:]) if key in sized_by_data else tuple(saved) == tuple(built)
+
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     reshaped = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-                if k in state and tuple(state[k].shape) != tuple(v.shape)]
+                if k in state and not fits(k, state[k].shape, v.shape)]
     if missing or unexpected or reshaped:
         details = "; ".join(f"{label} {len(items)}: {', '.join(items[:3])}{', ...' if len(items) > 3 else ''}"
                             for label, items in (("missing", missing), ("unexpected", unexpected),

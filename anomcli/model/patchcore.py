@@ -212,6 +212,9 @@ class PatchCore(nn.Module):
         # empty until fit(); persistent, so checkpoints carry it
         self.register_buffer("memory_bank", torch.zeros(0, encoder.embed_dim * len(encoder.taps)))
 
+    # the bank's row count is set by fit(): checkpoint loading compares only its width
+    data_sized_buffers = ("memory_bank",)
+
     def train(self, mode: bool = True) -> "PatchCore":
         super().train(mode)
         self.encoder.eval()  # frozen: its batch norm / dropout never train
