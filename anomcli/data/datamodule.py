@@ -19,9 +19,10 @@ from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Sampler
 
-from .image_io import ImageReadError, list_images, load_image
+from .image_io import list_images
+from .readable import ReadableImageDataset
 from .tiling import RandomTileDataset, TiledImageDataset, collate_tiles
 
 log = logging.getLogger(__name__)
@@ -72,23 +73,11 @@ def image_tensor(image, input_size: int) -> torch.Tensor:
     return x.squeeze(0).clamp_(0, 1)
 
 
-class ImageDataset(Dataset):
-    """Loads samples for a model; a file that cannot be read yields its reason instead of an image."""
+class ImageDataset(ReadableImageDataset):
+    """Each image resized to the model's input; an unreadable file yields its reason instead."""
 
-    def __init__(self, samples: Sequence[Sample], input_size: int):
-        self.samples = list(samples)
-        self.input_size = input_size
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> dict:
-        try:
-            image = load_image(self.samples[index].path)
-        except ImageReadError as error:
-            return {"index": index, "image": None, "error": str(error), "size": None}
-        return {"index": index, "image": image_tensor(image, self.input_size), "error": None,
-                "size": image.shape[:2]}
+    def item(self, image) -> dict:
+        return {"image": image_tensor(image, self.input_size), "size": image.shape[:2]}
 
 
 def collate(items: list[dict]) -> dict:

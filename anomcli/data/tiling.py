@@ -31,9 +31,8 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 
-from .image_io import ImageReadError, load_image
+from .readable import ReadableImageDataset
 
 # blending window: Gaussian with this sigma as a share of the tile side
 BLEND_SIGMA = 0.125
@@ -134,28 +133,20 @@ def stitch_batch(maps: torch.Tensor, scores: torch.Tensor, grids: Sequence[TileG
 
 # --- datasets --------------------------------------------------------------------------
 
-class TiledImageDataset(Dataset):
+class TiledImageDataset(ReadableImageDataset):
     """Scoring: every image as all its tiles; an unreadable file yields its reason instead.
 
     tiles_per_forward: how many tiles the scorer passes to the model at once.
     """
 
     def __init__(self, samples, input_size: int, tile: int, overlap: float, tiles_per_forward: int = 16):
-        self.samples = list(samples)
-        self.input_size, self.tile, self.overlap = input_size, tile, overlap
+        super().__init__(samples, input_size)
+        self.tile, self.overlap = tile, overlap
         self.tiles_per_forward = tiles_per_forward
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> dict:
-        try:
-            image = load_image(self.samples[index].path)
-        except ImageReadError as error:
-            return {"index": index, "image": None, "error": str(error), "size": None, "grid": None}
+    def item(self, image: np.ndarray) -> dict:
         grid = TileGrid.for_image(*image.shape[:2], self.tile, self.overlap)
-        return {"index": index, "image": cut_tiles(image, grid, self.input_size), "error": None,
-                "size": image.shape[:2], "grid": grid}
+        return {"image": cut_tiles(image, grid, self.input_size), "size": image.shape[:2], "grid": grid}
 
 
 def collate_tiles(items: list[dict]) -> dict:
@@ -170,7 +161,7 @@ def collate_tiles(items: list[dict]) -> dict:
     }
 
 
-class RandomTileDataset(Dataset):
+class RandomTileDataset(ReadableImageDataset):
     """Training: one tile at a random position of each image, resized to the model's input.
 
     Positions come from a generator of the dataset's own (each loader worker has a copy), so
@@ -179,22 +170,14 @@ class RandomTileDataset(Dataset):
     """
 
     def __init__(self, samples, input_size: int, tile: int, seed: int = 0):
-        self.samples = list(samples)
-        self.input_size, self.tile = input_size, tile
+        super().__init__(samples, input_size)
+        self.tile = tile
         self.generator = torch.Generator().manual_seed(seed)
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> dict:
-        try:
-            image = load_image(self.samples[index].path)
-        except ImageReadError as error:
-            return {"index": index, "image": None, "error": str(error), "size": None}
+    def item(self, image: np.ndarray) -> dict:
         height, width = image.shape[:2]
         tile_h, tile_w = min(self.tile, height), min(self.tile, width)
         top = int(torch.randint(height - tile_h + 1, (), generator=self.generator))
         left = int(torch.randint(width - tile_w + 1, (), generator=self.generator))
         grid = TileGrid(height, width, tile_h, tile_w, (top,), (left,))
-        return {"index": index, "image": cut_tiles(image, grid, self.input_size)[0], "error": None,
-                "size": (tile_h, tile_w)}
+        return {"image": cut_tiles(image, grid, self.input_size)[0], "size": (tile_h, tile_w)}
