@@ -119,15 +119,22 @@ def time_calls(fn, *, min_seconds: float, min_calls: int, device: torch.device) 
 
 
 def peak_matmul_gflops(device: torch.device, dtype: torch.dtype, size: int) -> float:
-    """Best of a few square matmuls: what this machine's matmul kernels reach at this precision."""
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
-    a @ b
+    """Best of a few square matmuls: what this machine's matmul kernels reach at this precision
+    (int8: int8 x int8 -> int32, the kernel behind dynamically quantised linear layers)."""
+    if dtype == torch.int8:
+        a = torch.randint(-128, 128, (size, size), dtype=dtype, device=device)
+        b = torch.randint(-128, 128, (size, size), dtype=dtype, device=device)
+        matmul = torch._int_mm
+    else:
+        a = torch.randn(size, size, device=device).to(dtype)
+        b = torch.randn(size, size, device=device).to(dtype)
+        matmul = torch.matmul
+    matmul(a, b)
     best = math.inf
     for _ in range(5):
         synchronize(device)
         started = time.perf_counter()
-        a @ b
+        matmul(a, b)
         synchronize(device)
         best = min(best, time.perf_counter() - started)
     return 2 * size ** 3 / best / 1e9
@@ -142,12 +149,13 @@ def flops_per_image(predict, side: int, device: torch.device) -> float:
 
 def model_rows(name: str, overrides: list[str], args, device, peaks) -> list[Row]:
     cfg, model = build(name, overrides)
-    run_model = prepare_for_inference(model, device)
     memory_format = torch.channels_last if uses_channels_last(model) else torch.contiguous_format
     side = model.input_size
-    gflops = flops_per_image(run_model, side, device) / 1e9
+    # counted on the float model: int8 runs the same multiply-adds
+    gflops = flops_per_image(prepare_for_inference(model, device), side, device) / 1e9
     rows = []
     for precision in args.precisions:
+        run_model = prepare_for_inference(model, device, precision=precision)
         for batch in args.batches:
             images = torch.rand(batch, 3, side, side, device=device).contiguous(memory_format=memory_format)
 
@@ -307,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="one JSON object per row on stdout, no table")
     parser.add_argument("--models", nargs="*", help=f"subset of {', '.join(MODELS)}")
     parser.add_argument("--batches", type=int, nargs="*", help="batch sizes (default 1 8 32)")
-    parser.add_argument("--precisions", nargs="*", help="fp32 and bf16 on CPU, fp32 and fp16 on CUDA (default)")
+    parser.add_argument("--precisions", nargs="*", help="fp32, bf16 and int8 on CPU, fp32 and fp16 on CUDA (default)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     parser.add_argument("--workers", type=int, default=2, help="loader workers of the end-to-end rows")
@@ -331,12 +339,12 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown models {sorted(unknown)}; choose from {', '.join(models)}")
         models = {name: models[name] for name in args.models}
     args.batches = args.batches or ([1, 2] if args.quick else [1, 8, 32])
-    args.precisions = args.precisions or ["fp32", "fp16" if device.type == "cuda" else "bf16"]
+    args.precisions = args.precisions or (["fp32", "fp16"] if device.type == "cuda" else ["fp32", "bf16", "int8"])
     args.min_seconds = args.min_seconds if args.min_seconds is not None else (0.0 if args.quick else 2.0)
     args.e2e_images = args.e2e_images or (4 if args.quick else 32)
 
     peak_size = 512 if args.quick else 2048
-    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
     peaks = {p: peak_matmul_gflops(device, dtypes[p], peak_size) for p in args.precisions}
     rows: list[Row] = []
     for name, overrides in models.items():

@@ -35,3 +35,9 @@ def test_end_to_end_rows_run_anom_infer():
     rows = bench("--models", "dinomaly_tiny", "--batches", "2", "--precisions", "fp32", "--workers", "0", "--no-onnx")
     assert [r["mode"] for r in rows] == ["model", "end_to_end"]
     assert rows[1]["images_per_s"] > 0 and rows[1]["input_size"] == 56
+
+
+def test_int8_rows_use_the_int8_matmul_peak():
+    rows = bench("--model-only", "--models", "dinomaly_tiny", "--batches", "1", "--precisions", "int8", "--no-onnx")
+    assert [(r["impl"], r["precision"]) for r in rows] == [("anomcli", "int8")]
+    assert rows[0]["images_per_s"] > 0 and rows[0]["peak_gflops"] > 0

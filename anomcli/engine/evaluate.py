@@ -6,11 +6,14 @@ encoders, and optionally reduced-precision autocast and `torch.compile`. In
 `fp32` the scores match the plain model to float rounding (tested within 1e-5);
 `fp16` (CUDA) and `bf16` run the networks in half precision while the anomaly
 map and the score are still computed in float32 (tests bound the difference).
+`int8` (CPU) runs every linear layer with int8 weights and dynamically quantised
+activations (torch's dynamic quantisation); convolutions stay float32.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
@@ -21,8 +24,9 @@ from ..data.datamodule import Sample, Tiling, image_tensor
 from ..data.tiling import TileGrid, cut_tiles, stitch_batch
 from .progress import progress_bar
 
-# precision -> autocast dtype (None: no autocast); "auto" is fp16 on CUDA and fp32 elsewhere
-PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+# precision -> autocast dtype (None: no autocast); "auto" is fp16 on CUDA and fp32 elsewhere;
+# int8 quantises the linear layers' weights instead of autocasting
+PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": None}
 
 
 class InferenceSettingsError(ValueError):
@@ -51,6 +55,9 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         raise InferenceSettingsError(f"precision must be one of auto, {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "fp16" and device.type != "cuda":
         raise InferenceSettingsError("precision=fp16 needs a CUDA device; on the CPU use bf16 or fp32")
+    if precision == "int8" and device.type != "cpu":
+        raise InferenceSettingsError("precision=int8 (dynamic quantisation) runs on the CPU only; "
+                                     "on CUDA use fp16")
     return precision
 
 
@@ -67,10 +74,25 @@ def uses_channels_last(model: torch.nn.Module) -> bool:
     return bool(getattr(getattr(model, "encoder", None), "channels_last", False))
 
 
-def prepare_for_inference(model: torch.nn.Module, device: torch.device, *,
-                          compile_model: bool = False) -> Callable[[torch.Tensor], tuple]:
-    """Move `model` to `device` in eval mode; returns the function that maps images to (maps, scores)."""
+def quantize_linear_layers(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model` whose nn.Linear layers hold int8 weights and quantise their inputs per batch."""
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():
+        # torch marks its eager quantisation API as deprecated and warns once per layer
+        warnings.simplefilter("ignore", category=UserWarning)
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def prepare_for_inference(model: torch.nn.Module, device: torch.device, *, compile_model: bool = False,
+                          precision: str = "fp32") -> Callable[[torch.Tensor], tuple]:
+    """Move `model` to `device` in eval mode; returns the function that maps images to (maps, scores).
+
+    With precision="int8" the function belongs to a quantised copy; `model` itself is left as it is."""
     model.to(device).eval()
+    if precision == "int8":
+        model = quantize_linear_layers(model)
     if uses_channels_last(model):
         model.to(memory_format=torch.channels_last)
     if not compile_model:
@@ -85,11 +107,11 @@ def predict(model: torch.nn.Module, loader, device: torch.device, *, keep_maps: 
     """Run `model.predict` over a loader of samples.
 
     on_batch(indices, maps [B, S, S], scores [B]) lets a caller write outputs as it goes
-    instead of holding every map in memory. precision: auto | fp32 | fp16 | bf16. With a tiled
+    instead of holding every map in memory. precision: auto | fp32 | fp16 | bf16 | int8. With a tiled
     loader (data.tiling), the maps are one stitched [h, w] map per image, in a list.
     """
     precision = resolve_precision(precision, device)
-    run_model = prepare_for_inference(model, device, compile_model=compile_model)
+    run_model = prepare_for_inference(model, device, compile_model=compile_model, precision=precision)
     memory_format = torch.channels_last if uses_channels_last(model) else torch.contiguous_format
     samples: Sequence[Sample] = loader.dataset.samples
     result = Predictions(list(samples))
