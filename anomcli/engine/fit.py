@@ -59,58 +59,24 @@ def build_memory_bank(model: torch.nn.Module, loader, *, device: torch.device,
 
 def fit(model: torch.nn.Module, batches, trainer, *, device: torch.device,
         save: Callable[..., Path], resume_from: Path | None = None) -> FitResult:
-    """Train the decoder side of a reconstruction model for `trainer.max_steps` steps.
+    """Train the decoder side of a reconstruction model (Dinomaly) for `trainer.max_steps` steps.
 
     batches: an endless iterator of {"images": [B, 3, S, S]} or of {"taps": the model's encoder taps}.
     save(step, optimizer, scheduler): writes a checkpoint with the training state and returns its folder.
     resume_from: a checkpoint folder whose training state to continue.
     """
-    model.to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = StableAdamW(params, lr=trainer.lr, betas=tuple(trainer.betas),
-                            weight_decay=trainer.weight_decay, amsgrad=True)
-    scheduler = build_scheduler(optimizer, total_steps=trainer.max_steps,
-                                warmup_steps=trainer.warmup_steps, final_factor=trainer.final_lr_factor)
-    step = 0
-    if resume_from is not None:
-        step = load_training_state(resume_from, optimizer, scheduler)
-        log.info("resuming from step %d of %s", step, resume_from)
+    def training_step(batch: dict, step: int, update: Callable) -> tuple[dict[str, torch.Tensor], int]:
+        # cached encoder taps (feature_cache.py) skip the frozen encoder
+        inputs = batch["taps"] if "taps" in batch else batch["images"].to(device, non_blocking=True)
+        p = hard_mining_fraction(step, final=trainer.hard_mining_p, ramp_steps=trainer.hard_mining_ramp_steps)
+        encoded, decoded = model(inputs)
+        loss = global_cosine_loss(encoded, decoded, hard_fraction=p, easy_factor=trainer.hard_mining_factor)
+        update("decoder", loss)
+        return {"loss": loss}, encoded[0].shape[0]
 
-    loss_value, images_seen, started = float("nan"), 0, time.perf_counter()
-    with progress_bar(TextColumn("loss {task.fields[loss]:.4f}"),
-                      TextColumn("{task.fields[speed]:.1f} img/s")) as bar:
-        task = bar.add_task("train", total=trainer.max_steps, completed=step, loss=float("nan"), speed=0.0)
-        while step < trainer.max_steps:
-            batch = next(batches)
-            # cached encoder taps (feature_cache.py) skip the frozen encoder
-            inputs = batch["taps"] if "taps" in batch else batch["images"].to(device, non_blocking=True)
-            p = hard_mining_fraction(step, final=trainer.hard_mining_p,
-                                     ramp_steps=trainer.hard_mining_ramp_steps)
-            encoded, decoded = model(inputs)
-            loss = global_cosine_loss(encoded, decoded, hard_fraction=p,
-                                      easy_factor=trainer.hard_mining_factor)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower trainer.lr "
-                                         "or raise model.decoder.eps")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, trainer.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            images_seen += encoded[0].shape[0]
-
-            if step % trainer.log_every == 0 or step == trainer.max_steps:
-                loss_value = loss.item()
-                speed = images_seen / max(time.perf_counter() - started, 1e-9)
-                bar.update(task, completed=step, loss=loss_value, speed=speed)
-            if step % trainer.save_every == 0 and step < trainer.max_steps:
-                save(step, optimizer, scheduler)
-                # a line in the log too: the bar is invisible when output goes to a file
-                log.info("step %d/%d loss %.4f, checkpoint saved", step, trainer.max_steps, loss.item())
-    save(step, optimizer, scheduler)
-    loss_value = loss_value if math.isfinite(loss_value) else float("nan")
-    return FitResult(step, loss_value, time.perf_counter() - started, images_seen)
+    trainable = {"decoder": [p for p in model.parameters() if p.requires_grad]}
+    return _train(model, trainable, training_step, batches, trainer, device=device, save=save,
+                  resume_from=resume_from, remedy="lower trainer.lr or raise model.decoder.eps")
 
 
 def fit_training_steps(model: torch.nn.Module, batches, trainer, *, device: torch.device,
@@ -134,8 +100,23 @@ def fit_training_steps(model: torch.nn.Module, batches, trainer, *, device: torc
     batches: an endless iterator of {"images": [B, 3, S, S]}.
     save(step, optimizer, scheduler): writes a checkpoint with the training state, as for `fit`.
     """
+    def training_step(batch: dict, step: int, update: Callable) -> tuple[dict[str, torch.Tensor], int]:
+        images = batch["images"].to(device, non_blocking=True)
+        return model.training_step(images, update), images.shape[0]
+
+    return _train(model, model.parameter_groups(), training_step, batches, trainer, device=device, save=save,
+                  resume_from=resume_from, remedy="lower trainer.lr")
+
+
+def _train(model: torch.nn.Module, groups: dict[str, list[torch.nn.Parameter]], training_step: Callable,
+           batches, trainer, *, device: torch.device, save: Callable[..., Path], resume_from: Path | None,
+           remedy: str) -> FitResult:
+    """The loop both kinds of model share: optimiser, schedule, resume, progress, checkpoints.
+
+    training_step(batch, step, update) -> (loss terms, images in the batch); it calls
+    update(group name, loss) for each of its updates. remedy: what to try when a loss is not finite.
+    """
     model.to(device).train()
-    groups = model.parameter_groups()
     optimizer = StableAdamW([{"params": params, "name": name} for name, params in groups.items()],
                             lr=trainer.lr, betas=tuple(trainer.betas), weight_decay=trainer.weight_decay,
                             amsgrad=True)
@@ -148,9 +129,12 @@ def fit_training_steps(model: torch.nn.Module, batches, trainer, *, device: torc
 
     def update(name: str, loss: torch.Tensor) -> None:
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"{name} loss became {loss.item()} at step {step}; lower trainer.lr")
+            raise FloatingPointError(f"{name} loss became {loss.item()} at step {step}; {remedy}")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward(inputs=groups[name])  # the other groups get no gradient, so the step leaves them
+        if len(groups) == 1:
+            loss.backward()  # a plain backward, as DistributedDataParallel's gradient hooks expect
+        else:
+            loss.backward(inputs=groups[name])  # the other groups get no gradient, so the step leaves them
         torch.nn.utils.clip_grad_norm_(groups[name], trainer.grad_clip)
         optimizer.step()
 
@@ -160,11 +144,10 @@ def fit_training_steps(model: torch.nn.Module, batches, trainer, *, device: torc
                       TextColumn("{task.fields[speed]:.1f} img/s")) as bar:
         task = bar.add_task("train", total=trainer.max_steps, completed=step, loss=float("nan"), speed=0.0)
         while step < trainer.max_steps:
-            images = next(batches)["images"].to(device, non_blocking=True)
-            terms = model.training_step(images, update)
+            terms, batch_size = training_step(next(batches), step, update)
             scheduler.step()
             step += 1
-            images_seen += images.shape[0]
+            images_seen += batch_size
 
             if step % trainer.log_every == 0 or step == trainer.max_steps:
                 loss_value = terms["loss"].item()
@@ -172,6 +155,7 @@ def fit_training_steps(model: torch.nn.Module, batches, trainer, *, device: torc
                 bar.update(task, completed=step, loss=loss_value, speed=speed)
             if step % trainer.save_every == 0 and step < trainer.max_steps:
                 save(step, optimizer, scheduler)
+                # a line in the log too: the bar is invisible when output goes to a file
                 log.info("step %d/%d %s, checkpoint saved", step, trainer.max_steps, _format_terms(terms))
     save(step, optimizer, scheduler)
     if terms is not None:
