@@ -32,10 +32,10 @@ def tiny_vit_dinomaly() -> Dinomaly:
     return Dinomaly(ViTEncoder(**TINY_VIT), partial(NoisyMLP), partial(TransformerDecoder, depth=8)).eval()
 
 
-def tiny_cnn_dinomaly() -> Dinomaly:
+def tiny_cnn_dinomaly(grid_stride: int = 8) -> Dinomaly:
     torch.manual_seed(0)
-    encoder = CNNEncoder("tf_efficientnet_lite0", taps=[3, 4, 5, 6, 7, 8, 9, 10], input_size=64, grid_stride=8,
-                         num_heads=4, pretrained=False)
+    encoder = CNNEncoder("tf_efficientnet_lite0", taps=[3, 4, 5, 6, 7, 8, 9, 10], input_size=64,
+                         grid_stride=grid_stride, num_heads=4, pretrained=False)
     return Dinomaly(encoder, partial(NoisyMLP), partial(TransformerDecoder, depth=8)).eval()
 
 
@@ -97,8 +97,10 @@ def test_cnn_encoder_runs_channels_last_with_unchanged_taps():
 
 
 @pytest.mark.parametrize("precision, build", [
-    ("bf16", tiny_vit_dinomaly), ("bf16", tiny_patchcore), ("int8", tiny_vit_dinomaly), ("int8", tiny_cnn_dinomaly)],
-    ids=["bf16-dinomaly-vit", "bf16-patchcore", "int8-dinomaly-vit", "int8-dinomaly-cnn"])
+    ("bf16", tiny_vit_dinomaly), ("bf16", tiny_patchcore), ("bf16", partial(tiny_cnn_dinomaly, grid_stride=16)),
+    ("int8", tiny_vit_dinomaly), ("int8", tiny_cnn_dinomaly)],
+    # the CNN at stride 16 averages its stride-8 blocks down to the grid (antialiased resampling)
+    ids=["bf16-dinomaly-vit", "bf16-patchcore", "bf16-dinomaly-cnn", "int8-dinomaly-vit", "int8-dinomaly-cnn"])
 def test_reduced_precision_stays_within_its_stated_tolerance(precision, build, coil_loader):
     model = build()
     loader = coil_loader(model.input_size)

@@ -96,8 +96,9 @@ class CNNEncoder(nn.Module):
         grid = (self.grid_size, self.grid_size)
         tokens = []
         for i, feature_map in enumerate(self._tap_maps(x)):
-            # antialias averages finer maps down to the grid instead of sampling them
-            resized = F.interpolate(feature_map, size=grid, mode="bilinear", align_corners=False,
+            # antialias averages finer maps down to the grid instead of sampling them; it runs in
+            # float32 because the CPU has no bf16 kernel for it (a no-op outside autocast)
+            resized = F.interpolate(feature_map.float(), size=grid, mode="bilinear", align_corners=False,
                                     antialias=feature_map.shape[-1] > grid[-1])
             flat = resized.flatten(2).transpose(1, 2)  # [B, grid*grid, C]
             tokens.append(flat @ getattr(self, f"embedding_{i}"))  # [B, grid*grid, dim]
