@@ -76,6 +76,29 @@ def test_only_train_and_infer_run_under_torchrun(monkeypatch, capsys):
     assert "torchrun runs only" in capsys.readouterr().err
 
 
+GROUP_LIFETIME_SCRIPT = """
+import os
+from anomcli.engine import distributed
+distributed.init_process_group()
+import timm  # as the tasks do; it imports torch.distributed.nn, whose functions' default group= could hold the group
+distributed.barrier()
+distributed.shutdown()
+threads = len(os.listdir("/proc/self/task"))
+assert threads == 1, f"{threads} threads after shutdown: the process group was not freed"
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through /proc")
+def test_shutdown_frees_the_process_group_and_its_threads(tmp_path):
+    # gloo threads left running abort the interpreter at exit, now and then (SIGABRT)
+    script = tmp_path / "group_lifetime.py"
+    script.write_text(GROUP_LIFETIME_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def test_torchrun_trains_and_shares_out_inference(tiny_coils, tmp_path):
     # train: no hydra.run.dir, so both processes must agree on rank 0's timestamped run folder
     torchrun("train", *TRAIN, *tiny_data_overrides(tiny_coils), f"paths.log_dir={tmp_path / 'runs'}", cwd=tmp_path)

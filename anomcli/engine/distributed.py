@@ -34,6 +34,11 @@ def init_process_group() -> None:
     """Join the group torchrun describes in the environment; does nothing when already joined or alone."""
     if dist.is_initialized() or not launched_distributed():
         return
+    # torch.distributed.nn.functional binds `group=group.WORLD` as a default argument when first
+    # imported (timm imports it, through torchvision and dynamo). Imported after the group exists,
+    # it keeps the group alive past destroy_process_group: gloo's threads then outlive the
+    # interpreter and abort the process at exit, now and then. Imported first, it binds None.
+    import torch.distributed.nn  # noqa: F401
     backend = "gloo"
     # NCCL needs a GPU of its own per process; with more processes than GPUs (device=cpu runs),
     # every process uses gloo alone
