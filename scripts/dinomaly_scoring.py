@@ -19,12 +19,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
-from sklearn.metrics import roc_auc_score
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from anomcli.engine.checkpoint import load_checkpoint  # noqa: E402
+from anomcli.metrics import image_metrics  # noqa: E402
 from anomcli.model.dinomaly import REFERENCE_MAP_SIZE  # noqa: E402
 from anomcli.model.layers import GaussianBlur, top_fraction_mean  # noqa: E402
 from anomcli.tasks.common import data_module_for  # noqa: E402
@@ -41,6 +41,8 @@ def group_distances(model, loader) -> torch.Tensor:
 
 
 def scores(distances: torch.Tensor, size: int, sigma: float, top_fraction: float) -> np.ndarray:
+    # Dinomaly.anomaly_map upsamples each group and then averages; bilinear upsampling is linear,
+    # so averaging first gives the same map
     maps = F.interpolate(distances.mean(1, keepdim=True), size=(size, size), mode="bilinear", align_corners=True)
     if sigma > 0:
         maps = GaussianBlur(sigma * size / REFERENCE_MAP_SIZE)(maps)
@@ -64,9 +66,8 @@ def main() -> None:
     distances = group_distances(model, datamodule.loader(samples, model.input_size))
 
     def line(name: str, values: np.ndarray) -> None:
-        threshold = np.quantile(values[labels == 1], 0.05)  # 95 % of defective images at or above it
-        fpr = (values[labels == 0] >= threshold).mean()
-        print(f"| {name} | {roc_auc_score(labels, values):.3f} | {fpr:.3f} |")
+        metrics = image_metrics(labels, values)  # the definitions `anom validate` reports
+        print(f"| {name} | {metrics['auroc']:.3f} | {metrics['fpr_at_95_recall']:.3f} |")
 
     print("| scoring | image AUROC | FPR @ 95 % recall |\n|---|---|---|")
     for sigma in args.sigmas:
