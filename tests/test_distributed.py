@@ -20,13 +20,16 @@ TRAIN = ["model/encoder=tiny", "trainer.max_steps=4", "trainer.warmup_steps=2", 
          "trainer.stats_images=4", "trainer.device=cpu"]
 
 
-def torchrun(*args: str, cwd, processes: int = 2) -> subprocess.CompletedProcess:
+def torchrun(*args: str, cwd, processes: int = 2, program: tuple[str, ...] = ("-m", "anomcli")
+             ) -> subprocess.CompletedProcess:
+    """`torchrun <program> <args>` (by default `anom`), raising with its output when it fails."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [*program, *args]
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                             f"--nproc_per_node={processes}", "-m", "anomcli", *args],
+                             f"--nproc_per_node={processes}", *command],
                             cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     if result.returncode != 0:
-        raise AssertionError(f"torchrun anom {' '.join(args)} exited {result.returncode}\n"
+        raise AssertionError(f"torchrun {' '.join(command)} exited {result.returncode}\n"
                              f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-5000:]}")
     return result
 
@@ -93,10 +96,7 @@ def test_shutdown_frees_the_process_group_and_its_threads(tmp_path):
     # gloo threads left running abort the interpreter at exit, now and then (SIGABRT)
     script = tmp_path / "group_lifetime.py"
     script.write_text(GROUP_LIFETIME_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun(cwd=tmp_path, program=(str(script),))  # raises unless both processes exit 0
 
 
 def test_torchrun_trains_and_shares_out_inference(tiny_coils, tmp_path):
