@@ -26,6 +26,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from anomcli.model.layers import SmoothUpsample
+
 
 @contextmanager
 def _random_timm_weights(input_size: int):
@@ -80,15 +82,15 @@ def copy_weights_into_anomalib(ours: nn.Module, theirs: nn.Module) -> None:
 def compare(ours: nn.Module, theirs: nn.Module, images: torch.Tensor) -> dict:
     """Max |difference| of the un-smoothed maps, and of the scores under anomcli's post-processing."""
     encoded, decoded = ours(images)
-    blur, ours.blur = ours.blur, nn.Identity()
-    try:
-        our_raw = ours.anomaly_map(encoded, decoded)
-    finally:
-        ours.blur = blur
+    size = ours.input_size
+    # un-smoothed: the same bilinear upsampling as ours.upsample, without its smoothing
+    our_raw = SmoothUpsample(ours.encoder.grid_size, size, sigma=0, align_corners=True)(
+        ours.distance_map(encoded, decoded))
     # anomalib's model takes images its pre-processor has normalised; anomcli's encoder normalises inside
     their_raw = theirs((images - ours.encoder.mean) / ours.encoder.std).anomaly_map
-    our_scores = ours.score(ours.blur(our_raw))
-    their_scores = ours.score(ours.blur(their_raw))
+    blur = SmoothUpsample(size, size, sigma=ours.upsample.sigma)
+    our_scores = ours.score(blur(our_raw))
+    their_scores = ours.score(blur(their_raw))
     return {"raw_map_max_abs_diff": float((our_raw - their_raw).abs().max()),
             "score_max_abs_diff": float((our_scores - their_scores).abs().max()),
             "score_scale": float(our_scores.abs().max())}

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -35,7 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks_doc import replace_section  # noqa: E402  (this folder)
+from benchmarks_doc import cpu_name, replace_section  # noqa: E402  (this folder)
 from anomcli.data.image_io import list_images  # noqa: E402
 
 START, END = "<!-- bench_feedback:start -->", "<!-- bench_feedback:end -->"
@@ -198,7 +197,7 @@ def main() -> None:
     text = "\n".join([
         "### False alarms under unseen conditions, and one feedback round (`make bench-feedback`)", "",
         f"Command: `{command.strip()}`  ",
-        f"Measured {time.strftime('%Y-%m-%d')} on {platform.processor() or platform.machine()}; "
+        f"Measured {time.strftime('%Y-%m-%d')} on {cpu_name()}; "
         f"whole run {minutes:.1f} min (train {seconds['train']:.0f} s, feedback fine-tune {seconds['feedback']:.0f} s).  ",
         f"MTD acquisition groups: seen {', '.join(split['seen'])}; unseen {', '.join(split['unseen'])}. "
         f"`{args.experiment}` trained {args.steps} steps on {split['train_images']} seen-group training images. "

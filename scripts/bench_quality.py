@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks_doc import replace_section  # noqa: E402  (this folder)
+from benchmarks_doc import cpu_name, replace_section  # noqa: E402  (this folder)
 from anomcli.engine.checkpoint import load_checkpoint  # noqa: E402
 from anomcli.engine.evaluate import predict  # noqa: E402
 from anomcli.tasks.common import data_module_for  # noqa: E402
@@ -113,7 +112,7 @@ def main() -> None:
     text = "\n".join([
         f"### Detection quality on `{args.data_root}` (`make bench-quality`)", "",
         f"Command: `{command.strip()}`  ",
-        f"Measured {time.strftime('%Y-%m-%d')} on {platform.processor() or platform.machine()}, "
+        f"Measured {time.strftime('%Y-%m-%d')} on {cpu_name()}, "
         f"{torch.get_num_threads()} torch threads, torch {torch.__version__}; whole run {minutes:.1f} min.  ",
         "`recall @ thr` / `FPR @ thr`: at the threshold `anom threshold target_recall=0.95` chose "
         "**on this same test split** (an optimistic operating point, not a held-out one). "

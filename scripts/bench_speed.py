@@ -3,6 +3,7 @@
     python scripts/bench_speed.py                    # the table for docs/BENCHMARKS.md (quiet cores: ~10 min on 2)
     python scripts/bench_speed.py --quick            # a smoke run with tiny models (seconds)
     python scripts/bench_speed.py --model-only --json  # one JSON object per line, for other tools
+    python scripts/bench_speed.py --profile ...      # first, where each model's fp32 predict spends its time
 
 Rows: Dinomaly with DINOv2 ViT-S/14 at 392 px, Dinomaly with EfficientNet-Lite0 at 256 px and
 PatchCore with EfficientNet-Lite0 at 256 px (a memory bank of the size 200 training images give),
@@ -40,6 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks_doc import cpu_name  # noqa: E402  (this folder)
 from anomcli.cli import config_dir  # noqa: E402
 from anomcli.config import register_schemas  # noqa: E402
 from anomcli.engine.checkpoint import save_checkpoint  # noqa: E402
@@ -147,6 +149,19 @@ def flops_per_image(predict, side: int, device: torch.device) -> float:
     return counter.get_total_flops()
 
 
+def print_profile(name: str, overrides: list[str], batch: int, device: torch.device) -> None:
+    """Where one fp32 `predict` of `batch` images spends its time, by operator (stderr)."""
+    _, model = build(name, overrides)
+    run_model = prepare_for_inference(model, device)
+    images = torch.rand(batch, 3, model.input_size, model.input_size, device=device)
+    with torch.inference_mode():
+        run_model(images)  # warm-up
+        with torch.profiler.profile() as profiler:
+            run_model(images)
+    table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+    print(f"{name}, batch {batch}, fp32: one predict call by operator\n{table}", file=sys.stderr)
+
+
 def model_rows(name: str, overrides: list[str], args, device, peaks) -> list[Row]:
     cfg, model = build(name, overrides)
     memory_format = torch.channels_last if uses_channels_last(model) else torch.contiguous_format
@@ -248,7 +263,7 @@ def make_row(impl, model, encoder, side, batch, precision, mode, images_per_s, g
 
 
 def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{os.cpu_count()}"
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_name()} x{os.cpu_count()}"
 
 
 # --- anomalib, side by side ------------------------------------------------------------
@@ -322,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-seconds", type=float, default=None, help="time each row at least this long")
     parser.add_argument("--e2e-images", type=int, default=None, help="images per end-to-end row (at least 2 batches)")
     parser.add_argument("--no-anomalib", action="store_true", help="skip the side-by-side anomalib row")
+    parser.add_argument("--profile", action="store_true",
+                        help="first print, per model, where one fp32 predict at the first batch size spends its time")
     parser.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the exported ONNX graph with onnxruntime (CPU, fp32)")
     args = parser.parse_args(argv)
@@ -346,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     peak_size = 512 if args.quick else 2048
     dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
     peaks = {p: peak_matmul_gflops(device, dtypes[p], peak_size) for p in args.precisions}
+    if args.profile:
+        for name, overrides in models.items():
+            print_profile(name, overrides, args.batches[0], device)
     rows: list[Row] = []
     for name, overrides in models.items():
         rows += model_rows(name, overrides, args, device, peaks)

@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
+
+
+def cpu_name() -> str:
+    """The CPU's model name (speed depends on it: the machines that run the benchmarks vary)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def replace_section(path: Path, start: str, end: str, text: str) -> None:

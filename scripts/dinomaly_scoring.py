@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 from anomcli.engine.checkpoint import load_checkpoint  # noqa: E402
 from anomcli.metrics import image_metrics  # noqa: E402
 from anomcli.model.dinomaly import REFERENCE_MAP_SIZE  # noqa: E402
-from anomcli.model.layers import GaussianBlur, top_fraction_mean  # noqa: E402
+from anomcli.model.layers import SmoothUpsample, top_fraction_mean  # noqa: E402
 from anomcli.tasks.common import data_module_for  # noqa: E402
 
 
@@ -41,11 +41,9 @@ def group_distances(model, loader) -> torch.Tensor:
 
 
 def scores(distances: torch.Tensor, size: int, sigma: float, top_fraction: float) -> np.ndarray:
-    # Dinomaly.anomaly_map upsamples each group and then averages; bilinear upsampling is linear,
-    # so averaging first gives the same map
-    maps = F.interpolate(distances.mean(1, keepdim=True), size=(size, size), mode="bilinear", align_corners=True)
-    if sigma > 0:
-        maps = GaussianBlur(sigma * size / REFERENCE_MAP_SIZE)(maps)
+    """distances [N, groups, h, w] -> image scores, as Dinomaly.anomaly_map and .score make them."""
+    upsample = SmoothUpsample(distances.shape[-1], size, sigma=sigma * size / REFERENCE_MAP_SIZE, align_corners=True)
+    maps = upsample(distances.mean(1, keepdim=True))
     return top_fraction_mean(maps, top_fraction).numpy()
 
 

@@ -41,3 +41,13 @@ def test_int8_rows_use_the_int8_matmul_peak():
     rows = bench("--model-only", "--models", "dinomaly_tiny", "--batches", "1", "--precisions", "int8", "--no-onnx")
     assert [(r["impl"], r["precision"]) for r in rows] == [("anomcli", "int8")]
     assert rows[0]["images_per_s"] > 0 and rows[0]["peak_gflops"] > 0
+
+
+def test_profile_goes_to_stderr_and_keeps_stdout_json():
+    command = [sys.executable, str(REPO / "scripts" / "bench_speed.py"), "--quick", "--json", "--model-only",
+               "--models", "dinomaly_tiny", "--batches", "1", "--precisions", "fp32", "--no-onnx", "--profile"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "dinomaly_tiny, batch 1, fp32: one predict call by operator" in result.stderr
+    assert "aten::" in result.stderr  # the operator table
+    assert [json.loads(line)["model"] for line in result.stdout.splitlines()] == ["dinomaly_tiny"]

@@ -79,7 +79,8 @@ def test_fp32_engine_matches_the_plain_model(build, coil_loader):
     loader = coil_loader(model.input_size)
     expected_maps, expected_scores = plain_scores(model, loader)
     maps, scores = engine_scores(model, loader, precision="fp32")  # inference mode, channels-last CNNs
-    np.testing.assert_allclose(scores, expected_scores, rtol=0, atol=1e-5)
+    # channels-last convolutions add in another order: a few float32 rounding steps
+    np.testing.assert_allclose(scores, expected_scores, rtol=1e-6, atol=1e-5)
     # the engine keeps maps as float16: compare at that precision
     np.testing.assert_allclose(maps, expected_maps.astype(np.float16).astype(np.float32), rtol=1e-3, atol=1e-5)
 

@@ -15,7 +15,7 @@ from anomcli.model.bottleneck import NoisyMLP
 from anomcli.model.decoder import LinearAttention, SoftmaxAttention, TransformerDecoder
 from anomcli.model.encoder import CNNEncoder, ViTEncoder
 from anomcli.model.encoder.cnn import orthonormal_embedding
-from anomcli.model.layers import GaussianBlur, gaussian_kernel1d, top_fraction_mean
+from anomcli.model.layers import SmoothUpsample, gaussian_kernel1d, top_fraction_mean
 from anomcli.model.losses import global_cosine_loss, hard_mining_fraction, scale_easy_point_gradients
 
 TINY_VIT = dict(model_name="vit_small_patch14_reg4_dinov2", input_size=56, pretrained=False,
@@ -107,9 +107,24 @@ def test_gaussian_kernel_and_blur_match_scipy():
     kernel = gaussian_kernel1d(4.0)
     assert kernel.numel() == 2 * int(4 * 4.0 + 0.5) + 1
     assert kernel.sum().item() == pytest.approx(1.0)
-    image = np.random.default_rng(0).random((40, 50)).astype(np.float32)
-    blurred = GaussianBlur(2.0)(torch.from_numpy(image)[None, None])[0, 0].numpy()
+    image = np.random.default_rng(0).random((40, 40)).astype(np.float32)
+    blurred = SmoothUpsample(40, 40, sigma=2.0)(torch.from_numpy(image)[None, None])[0, 0].numpy()
     np.testing.assert_allclose(blurred, gaussian_filter(image, 2.0, mode="mirror", truncate=4.0), atol=1e-5)
+
+
+@pytest.mark.parametrize("align_corners", [True, False])
+def test_smooth_upsample_equals_bilinear_resize_then_blur(align_corners):
+    grid = torch.rand(2, 1, 7, 7)
+    resized = F.interpolate(grid, size=(40, 40), mode="bilinear", align_corners=align_corners)
+    torch.testing.assert_close(SmoothUpsample(7, 40, sigma=0, align_corners=align_corners)(grid), resized)
+    expected = np.stack([gaussian_filter(m, 2.0, mode="mirror", truncate=4.0) for m in resized.numpy()])
+    smoothed = SmoothUpsample(7, 40, sigma=2.0, align_corners=align_corners)(grid)
+    np.testing.assert_allclose(smoothed.numpy(), expected, atol=1e-6)
+
+
+def test_smooth_upsample_leaves_out_a_blur_wider_than_the_map():
+    maps = torch.rand(1, 1, 6, 6)
+    torch.testing.assert_close(SmoothUpsample(6, 6, sigma=4.0)(maps), maps)
 
 
 def test_orthonormal_embedding_preserves_cosine():
@@ -177,3 +192,14 @@ def test_anomaly_map_is_zero_where_decoder_agrees_and_high_where_it_does_not():
     amap = model.anomaly_map(encoded, decoded)[0, 0]
     assert amap[:8, :8].max() < 0.05
     assert amap[48:, 48:].max() > 0.5
+
+
+def test_anomaly_map_averages_the_groups_upsampled_and_smoothed():
+    model = tiny_dinomaly()  # 4x4 grid, 56-px maps
+    encoded = [torch.randn(2, 32, 4, 4) for _ in range(2)]
+    decoded = [torch.randn(2, 32, 4, 4) for _ in range(2)]
+    per_group = [F.interpolate(1 - F.cosine_similarity(e, d, dim=1).unsqueeze(1), size=(56, 56),
+                               mode="bilinear", align_corners=True) for e, d in zip(encoded, decoded)]
+    mean = torch.stack(per_group).mean(dim=0).numpy()
+    expected = np.stack([gaussian_filter(m, model.upsample.sigma, mode="mirror", truncate=4.0) for m in mean])
+    np.testing.assert_allclose(model.anomaly_map(encoded, decoded).numpy(), expected, atol=1e-5)

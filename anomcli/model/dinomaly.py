@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import GaussianBlur, top_fraction_mean
+from .layers import SmoothUpsample, top_fraction_mean
 
 # Dinomaly smooths with sigma 4 on 256-px maps; sigma is scaled with the map size.
 REFERENCE_MAP_SIZE = 256
@@ -58,7 +58,8 @@ class Dinomaly(nn.Module):
             raise ValueError(f"decoder_groups {self.decoder_groups} index past the {depth} decoder blocks")
         self.input_size = encoder.input_size
         self.score_top_fraction = score_top_fraction
-        self.blur = GaussianBlur(map_sigma * self.input_size / REFERENCE_MAP_SIZE)
+        self.upsample = SmoothUpsample(encoder.grid_size, self.input_size,
+                                       sigma=map_sigma * self.input_size / REFERENCE_MAP_SIZE, align_corners=True)
 
     def train(self, mode: bool = True) -> "Dinomaly":
         super().train(mode)
@@ -95,14 +96,17 @@ class Dinomaly(nn.Module):
         decoded = self.decode(taps)
         return self.group_maps(taps, self.encoder_groups), self.group_maps(decoded, self.decoder_groups)
 
+    def distance_map(self, encoded: Sequence[torch.Tensor], decoded: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Group maps -> [B, 1, h, w]: 1 - cosine over channels, averaged over the groups."""
+        per_group = [1 - F.cosine_similarity(target, prediction, dim=1)  # [B, h, w]
+                     for target, prediction in zip(encoded, decoded)]
+        return torch.stack(per_group).mean(dim=0).unsqueeze(1)
+
     def anomaly_map(self, encoded: Sequence[torch.Tensor], decoded: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Group maps -> [B, 1, S, S] anomaly map at the input resolution."""
-        size = (self.input_size, self.input_size)
-        per_group = []
-        for target, prediction in zip(encoded, decoded):
-            distance = 1 - F.cosine_similarity(target, prediction, dim=1).unsqueeze(1)  # [B, 1, h, w]
-            per_group.append(F.interpolate(distance, size=size, mode="bilinear", align_corners=True))
-        return self.blur(torch.stack(per_group).mean(dim=0))
+        """Group maps -> [B, 1, S, S] anomaly map at the input resolution, smoothed.
+
+        Upsampling and smoothing are linear, so averaging the groups before them gives the same map."""
+        return self.upsample(self.distance_map(encoded, decoded))
 
     def score(self, anomaly_map: torch.Tensor) -> torch.Tensor:
         """[B, 1, S, S] -> [B] image scores: the mean of the top fraction of pixels."""

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import DCGANDecoder, DCGANEncoder, GaussianBlur, init_dcgan_weights
+from .layers import DCGANDecoder, DCGANEncoder, SmoothUpsample, init_dcgan_weights
 
 # maps are smoothed with sigma 4 on 256-px maps, as Dinomaly's; sigma is scaled with the map size.
 REFERENCE_MAP_SIZE = 256
@@ -66,7 +66,7 @@ class GANomaly(nn.Module):
         self.decoder = DCGANDecoder(input_size, latent_dim, 3, width, max_width)  # G_D
         self.output_encoder = DCGANEncoder(input_size, 3, latent_dim, width, max_width)  # E
         self.discriminator = DCGANEncoder(input_size, 3, 1, width, max_width)  # D: one logit
-        self.blur = GaussianBlur(map_sigma * input_size / REFERENCE_MAP_SIZE)
+        self.blur = SmoothUpsample(input_size, input_size, sigma=map_sigma * input_size / REFERENCE_MAP_SIZE)
         # the networks see [-1, 1] (tanh output); kept as buffers so the checkpoint meta can report them
         self.register_buffer("mean", torch.full((1, 3, 1, 1), 0.5), persistent=False)
         self.register_buffer("std", torch.full((1, 3, 1, 1), 0.5), persistent=False)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import GaussianBlur
+from .layers import SmoothUpsample
 
 # PatchCore smooths with sigma 4 on 256-px maps (as Dinomaly does); sigma is scaled with the map size.
 REFERENCE_MAP_SIZE = 256
@@ -208,7 +208,9 @@ class PatchCore(nn.Module):
         self.num_neighbours = num_neighbours
         self.seed = seed
         self.input_size = encoder.input_size
-        self.blur = GaussianBlur(map_sigma * self.input_size / REFERENCE_MAP_SIZE)
+        # align_corners=False: patch i's value lands on its centre, (i + 0.5) * stride
+        self.upsample = SmoothUpsample(encoder.grid_size, self.input_size,
+                                       sigma=map_sigma * self.input_size / REFERENCE_MAP_SIZE, align_corners=False)
         # empty until fit(); persistent, so checkpoints carry it
         self.register_buffer("memory_bank", torch.zeros(0, encoder.embed_dim * len(encoder.taps)))
 
@@ -275,11 +277,7 @@ class PatchCore(nn.Module):
     def anomaly_map(self, distances: torch.Tensor) -> torch.Tensor:
         """Patch distances [B, h*w] -> [B, 1, S, S] anomaly map at the input resolution."""
         side = self.encoder.grid_size
-        grid = distances.view(-1, 1, side, side)  # [B, 1, h, w]
-        # align_corners=False: patch i's value lands on its centre, (i + 0.5) * stride
-        upsampled = F.interpolate(grid, size=(self.input_size, self.input_size), mode="bilinear",
-                                  align_corners=False)
-        return self.blur(upsampled)
+        return self.upsample(distances.view(-1, 1, side, side))
 
     def score(self, distances: torch.Tensor, indices: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """[B] image scores from the patch distances [B, h*w], their bank indices and the features.

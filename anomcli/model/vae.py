@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import DCGANDecoder, DCGANEncoder, GaussianBlur, top_fraction_mean
+from .layers import DCGANDecoder, DCGANEncoder, SmoothUpsample, top_fraction_mean
 from .losses import kl_to_standard_normal, tap_cosine_distance
 
 # maps are smoothed with sigma 4 on 256-px maps, as Dinomaly's; sigma is scaled with the map size.
@@ -81,7 +81,7 @@ class VAE(nn.Module):
         self.to_latent = DCGANEncoder(input_size, 3, 2 * latent_dim, width, max_width)  # mean, log variance
         self.to_image = DCGANDecoder(input_size, latent_dim, 3, width, max_width)
         self.encoder = encoder
-        self.blur = GaussianBlur(map_sigma * input_size / REFERENCE_MAP_SIZE)
+        self.blur = SmoothUpsample(input_size, input_size, sigma=map_sigma * input_size / REFERENCE_MAP_SIZE)
         # the networks see [-1, 1] (tanh output); kept as buffers so the checkpoint meta can report them
         self.register_buffer("mean", torch.full((1, 3, 1, 1), 0.5), persistent=False)
         self.register_buffer("std", torch.full((1, 3, 1, 1), 0.5), persistent=False)
