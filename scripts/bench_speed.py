@@ -1,6 +1,6 @@
 """Speed of scoring: images/s and ms/image of the model alone and of `anom infer` end to end.
 
-    python scripts/bench_speed.py                    # the table for docs/BENCHMARKS.md (quiet cores: ~10 min on 2)
+    python scripts/bench_speed.py                    # the table for docs/BENCHMARKS.md (quiet cores: 10-16 min on 2)
     python scripts/bench_speed.py --quick            # a smoke run with tiny models (seconds)
     python scripts/bench_speed.py --model-only --json  # one JSON object per line, for other tools
     python scripts/bench_speed.py --profile ...      # first, where each model's fp32 predict spends its time
