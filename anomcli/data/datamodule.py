@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler
 
 from .image_io import list_images
-from .readable import ReadableImageDataset
+from .readable import ReadableImageDataset, collate
 from .tiling import RandomTileDataset, TiledImageDataset, collate_tiles
 
 log = logging.getLogger(__name__)
@@ -78,17 +78,6 @@ class ImageDataset(ReadableImageDataset):
 
     def item(self, image) -> dict:
         return {"image": image_tensor(image, self.input_size), "size": image.shape[:2]}
-
-
-def collate(items: list[dict]) -> dict:
-    """Stack the readable images; keep the unreadable ones' reasons."""
-    ok = [item for item in items if item["image"] is not None]
-    return {
-        "images": torch.stack([item["image"] for item in ok]) if ok else None,
-        "indices": [item["index"] for item in ok],
-        "sizes": [item["size"] for item in ok],
-        "errors": [(item["index"], item["error"]) for item in items if item["image"] is None],
-    }
 
 
 class FolderDataModule:

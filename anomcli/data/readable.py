@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
+import torch
 from torch.utils.data import Dataset
 
 from .image_io import ImageReadError, load_image
@@ -33,3 +34,14 @@ class ReadableImageDataset(Dataset):
 
     def item(self, image: np.ndarray) -> dict:
         raise NotImplementedError
+
+
+def collate(items: list[dict], join: Callable[[list[torch.Tensor]], torch.Tensor] = torch.stack) -> dict:
+    """Join the readable images into one tensor (stacked by default); keep the unreadable ones' reasons."""
+    ok = [item for item in items if item["image"] is not None]
+    return {
+        "images": join([item["image"] for item in ok]) if ok else None,
+        "indices": [item["index"] for item in ok],
+        "sizes": [item["size"] for item in ok],
+        "errors": [(item["index"], item["error"]) for item in items if item["image"] is None],
+    }

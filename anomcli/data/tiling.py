@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .readable import ReadableImageDataset
+from .readable import ReadableImageDataset, collate
 
 # blending window: Gaussian with this sigma as a share of the tile side
 BLEND_SIGMA = 0.125
@@ -151,14 +151,9 @@ class TiledImageDataset(ReadableImageDataset):
 
 def collate_tiles(items: list[dict]) -> dict:
     """The tiles of the readable images, concatenated [sum N_i, 3, S, S], with each image's grid."""
-    ok = [item for item in items if item["image"] is not None]
-    return {
-        "images": torch.cat([item["image"] for item in ok]) if ok else None,
-        "grids": [item["grid"] for item in ok],
-        "indices": [item["index"] for item in ok],
-        "sizes": [item["size"] for item in ok],
-        "errors": [(item["index"], item["error"]) for item in items if item["image"] is None],
-    }
+    batch = collate(items, join=torch.cat)
+    batch["grids"] = [item["grid"] for item in items if item["image"] is not None]
+    return batch
 
 
 class RandomTileDataset(ReadableImageDataset):
