@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,8 +34,7 @@ def group_distances(model, loader) -> torch.Tensor:
     parts = []
     with torch.inference_mode():
         for batch in loader:
-            encoded, decoded = model(batch["images"])
-            parts.append(torch.stack([1 - F.cosine_similarity(e, d, dim=1) for e, d in zip(encoded, decoded)], 1))
+            parts.append(model.group_distances(*model(batch["images"])))
     return torch.cat(parts)
 
 

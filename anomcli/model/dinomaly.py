@@ -96,11 +96,14 @@ class Dinomaly(nn.Module):
         decoded = self.decode(taps)
         return self.group_maps(taps, self.encoder_groups), self.group_maps(decoded, self.decoder_groups)
 
+    def group_distances(self, encoded: Sequence[torch.Tensor], decoded: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Group maps -> [B, groups, h, w]: 1 - cosine over channels, one map per group."""
+        return torch.stack([1 - F.cosine_similarity(target, prediction, dim=1)
+                            for target, prediction in zip(encoded, decoded)], dim=1)
+
     def distance_map(self, encoded: Sequence[torch.Tensor], decoded: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Group maps -> [B, 1, h, w]: 1 - cosine over channels, averaged over the groups."""
-        per_group = [1 - F.cosine_similarity(target, prediction, dim=1)  # [B, h, w]
-                     for target, prediction in zip(encoded, decoded)]
-        return torch.stack(per_group).mean(dim=0).unsqueeze(1)
+        """Group maps -> [B, 1, h, w]: the group distances, averaged."""
+        return self.group_distances(encoded, decoded).mean(dim=1, keepdim=True)
 
     def anomaly_map(self, encoded: Sequence[torch.Tensor], decoded: Sequence[torch.Tensor]) -> torch.Tensor:
         """Group maps -> [B, 1, S, S] anomaly map at the input resolution, smoothed.
